@@ -1,0 +1,41 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: install data test demo bench clean
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e ".[test,examples]"
+	touch $@
+
+install: $(VENV)/.installed
+
+# Fashion-MNIST (the real 60k + 10k release) from Debian's dataset-fashion-mnist.
+data:
+	@if [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  echo "Fashion-MNIST: $(FMNIST_DIR)"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "Installing Fashion-MNIST (Debian package dataset-fashion-mnist)..."; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+	    || echo "WARNING: apt-get could not install dataset-fashion-mnist; see README (Data) for alternatives."; \
+	else \
+	  echo "WARNING: Fashion-MNIST not found and apt is not usable here. Either run as root on Debian/Ubuntu:"; \
+	  echo "  apt-get install dataset-fashion-mnist"; \
+	  echo "or put the four idx .gz files in a directory and set EVA_OPTAX_FMNIST_DIR=that/dir,"; \
+	  echo "or set EVA_OPTAX_DOWNLOAD=1 where a network exists (files are checksum-verified)."; \
+	fi
+
+test: install data
+	$(PY) -m pytest -q -n 2 tests
+
+demo: install data
+	$(PY) examples/demo.py
+
+bench: install
+	$(PY) benchmarks/step_time.py
+
+clean:
+	rm -rf $(VENV) results

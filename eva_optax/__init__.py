@@ -1,0 +1,30 @@
+"""eva_optax: the Eva family of second-order optimizers as optax transformations.
+
+Please don't use symbols in ``eva_optax._src``: they are not part of the public API.
+"""
+
+from eva_optax._src.capture import STATISTICS
+from eva_optax._src.capture import value_and_grad
+from eva_optax._src.describe import describe
+from eva_optax._src.eva import eva
+from eva_optax._src.eva import eva_f
+from eva_optax._src.eva import scale_by_eva
+from eva_optax._src.eva import scale_by_eva_f
+from eva_optax._src.layerwise import LayerwiseState
+from eva_optax._src.statistics import LayerStatistics
+from eva_optax._src.training_chain import training_chain
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "LayerStatistics",
+    "LayerwiseState",
+    "STATISTICS",
+    "describe",
+    "eva",
+    "eva_f",
+    "scale_by_eva",
+    "scale_by_eva_f",
+    "training_chain",
+    "value_and_grad",
+)

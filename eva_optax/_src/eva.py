@@ -1,0 +1,196 @@
+"""Eva and Eva-f: Kronecker-vector preconditioners in closed form (no inverses).
+
+Eva approximates a layer's Fisher block by ``F = v v^T + gamma I`` with
+``v = a_bar (x) g_bar`` (the Kronecker vectors: the mean layer input, with a 1 for
+the bias, and the mean output gradient) and applies ``F^{-1}`` by Sherman-Morrison.
+Eva-f (vectorized FOOF) does the same on the input side only:
+``G_hat (a_bar a_bar^T + gamma I)^{-1}``. The state per layer is the running
+averages of the vectors: ``d_in + 1 + d_out`` (Eva) or ``d_in + 1`` (Eva-f) floats.
+
+References:
+  Zhang et al., `Eva: Practical Second-order Optimization with Kronecker-vectorized
+  Approximation <https://openreview.net/forum?id=_Mic8V96Voy>`_, ICLR 2023; and the
+  journal version, "Eva: A General Vectorized Approximation Framework for
+  Second-order Optimization" (adds Eva-f, Eva-s and KL-normalization).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optax
+
+from eva_optax._src import layerwise
+from eva_optax._src import linalg
+from eva_optax._src.training_chain import training_chain
+
+EVA = layerwise.Method(
+    name="eva", statistics="vectors", stat_keys=("a", "g"),
+    solve=lambda s, gm, gamma: linalg.eva_solve(gm, s["a"], s["g"], gamma))
+
+EVA_F = layerwise.Method(
+    name="eva_f", statistics="vectors", stat_keys=("a",),
+    solve=lambda s, gm, gamma: linalg.eva_f_solve(gm, s["a"], gamma))
+
+
+def scale_by_eva(
+    damping: Any = 0.03,
+    stat_decay: Any = 0.95,
+    *,
+    kl_clip: float | None = None,
+    kl_normalize: bool = False,
+    learning_rate: Any = None,
+    stats_every: int = 1,
+) -> optax.GradientTransformationExtraArgs:
+  """Eva's preconditioning only (no momentum, weight decay or learning rate).
+
+  For every captured layer, with running averages ``a`` and ``g`` of its
+  Kronecker vectors and ``G_hat`` its gradient viewed as ``(d_in + 1, d_out)``:
+
+  .. math::
+    U = (v v^T + \\gamma I)^{-1}\\mathrm{vec}(\\hat G)
+      = \\frac{1}{\\gamma}\\Big[\\hat G - \\frac{a^T\\hat G g}{\\gamma + \\|a\\|^2\\|g\\|^2} a g^T\\Big],
+    \\qquad v = a \\otimes g.
+
+  By default ``U`` is returned as is (``1/gamma`` included). ``kl_clip=kappa``
+  applies the ICLR KL-clip ``min(1, sqrt(kappa / (lr^2 sum <U, G_hat>)))`` (needs
+  ``learning_rate``); ``kl_normalize=True`` the journal KL-normalization
+  ``sqrt(gamma) U / sqrt(sum <U, G_hat>)``. Both sum over captured layers only.
+  Parameters without statistics keep their gradient. See :func:`eva_optax.eva`.
+
+  Args:
+    damping: ``gamma > 0``, on the whole Kronecker product (float or schedule).
+    stat_decay: weight of the NEW statistic in the running averages,
+      ``m <- (1 - stat_decay) m + stat_decay new`` (the paper's 0.95); the
+      first observation initialises them. Float or schedule.
+    kl_clip: ``kappa`` of the ICLR KL-clip, or ``None``.
+    kl_normalize: apply the journal KL-normalization.
+    learning_rate: the optimizer's learning rate (float or schedule); only the
+      KL-clip uses it.
+    stats_every: fold statistics into the averages every this many steps.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`; ``update`` takes
+    ``stats=`` from :func:`eva_optax.value_and_grad`.
+  """
+  return layerwise.layerwise_preconditioner(
+      EVA, damping=damping, stat_decay=stat_decay, stats_every=stats_every,
+      refresh_every=1,
+      scaling=layerwise.resolve_scaling(kl_clip, kl_normalize, "none"),
+      kl_clip=kl_clip, learning_rate=learning_rate)
+
+
+def scale_by_eva_f(
+    damping: Any = 0.03,
+    stat_decay: Any = 0.95,
+    *,
+    kl_clip: float | None = None,
+    kl_normalize: bool = False,
+    learning_rate: Any = None,
+    stats_every: int = 1,
+) -> optax.GradientTransformationExtraArgs:
+  """Eva-f's preconditioning only: ``U = (a a^T + gamma I)^{-1} G_hat``.
+
+  .. math::
+    U = \\frac{1}{\\gamma}\\Big[\\hat G - \\frac{a (a^T \\hat G)}{\\gamma + \\|a\\|^2}\\Big]
+
+  (the paper's ``G_hat (a a^T + gamma I)^{-1}`` in its ``(d_out, d_in)`` view).
+  Arguments as in :func:`scale_by_eva`; only ``a`` is averaged.
+  See :func:`eva_optax.eva_f`.
+  """
+  return layerwise.layerwise_preconditioner(
+      EVA_F, damping=damping, stat_decay=stat_decay, stats_every=stats_every,
+      refresh_every=1,
+      scaling=layerwise.resolve_scaling(kl_clip, kl_normalize, "none"),
+      kl_clip=kl_clip, learning_rate=learning_rate)
+
+
+def eva(
+    learning_rate: Any,
+    momentum: Any = 0.9,
+    weight_decay: Any = 0.0,
+    damping: Any = 0.03,
+    stat_decay: Any = 0.95,
+    *,
+    kl_clip: float | None = None,
+    kl_normalize: bool | None = None,
+    stats_every: int = 1,
+    nesterov: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  """Eva, trained the way the paper trains it.
+
+  ``chain(scale_by_eva, add_decayed_weights(weight_decay), trace(momentum),
+  scale_by_learning_rate(learning_rate))``: the preconditioned gradient, then
+  weight decay (never preconditioned), heavy-ball momentum and the learning rate,
+  as the authors' ``preconditioner.step(); torch.optim.SGD.step()``.
+
+  Scaling: by default the journal KL-normalization (the version of Eva this
+  library implements, and the one whose scale does not depend on the learning
+  rate, so it works unchanged with any schedule). ``kl_clip=0.001`` selects the
+  ICLR 2023 KL-clip instead, the setting behind the ICLR tables (its ``lr`` is
+  this optimizer's learning rate, schedule included); ``kl_normalize=False`` with
+  no ``kl_clip`` gives the raw ``F^{-1} G_hat``.
+
+  Args:
+    learning_rate: float or optax schedule.
+    momentum: heavy-ball momentum (0.9 in the paper); 0 for none.
+    weight_decay: added after preconditioning (5e-4 on CIFAR in the paper).
+    damping: ``gamma`` (0.03 in the paper).
+    stat_decay: weight of the new statistic (0.95 in the paper).
+    kl_clip: ``kappa`` of the ICLR KL-clip (0.001 in the paper), or ``None``.
+    kl_normalize: journal KL-normalization; ``None`` means "unless kl_clip".
+    stats_every: statistics refresh interval in steps (1 in the paper).
+    nesterov: Nesterov momentum instead of heavy ball.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, optax, eva_optax
+    >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
+    >>> x, y = jnp.ones((16, 4)), jnp.zeros((16, 2))
+    >>> params = model.init(jax.random.PRNGKey(0), x)["params"]
+    >>> loss_fn = lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
+    >>> tx = eva_optax.eva(learning_rate=0.1)
+    >>> opt_state = tx.init(params)
+    >>> loss, grads, stats = eva_optax.value_and_grad(loss_fn)(params)
+    >>> updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
+    >>> params = optax.apply_updates(params, updates)
+
+  References:
+    Zhang et al., `Eva: Practical Second-order Optimization with
+    Kronecker-vectorized Approximation <https://openreview.net/forum?id=_Mic8V96Voy>`_,
+    ICLR 2023.
+  """
+  scaling = layerwise.resolve_scaling(kl_clip, kl_normalize, "kl_normalize")
+  pre = scale_by_eva(damping, stat_decay, kl_clip=kl_clip,
+                     kl_normalize=scaling == "kl_normalize",
+                     learning_rate=learning_rate if kl_clip is not None else None,
+                     stats_every=stats_every)
+  return training_chain(pre, learning_rate, momentum, weight_decay, nesterov)
+
+
+def eva_f(
+    learning_rate: Any,
+    momentum: Any = 0.9,
+    weight_decay: Any = 0.0,
+    damping: Any = 0.03,
+    stat_decay: Any = 0.95,
+    *,
+    kl_clip: float | None = None,
+    kl_normalize: bool | None = None,
+    stats_every: int = 1,
+    nesterov: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  """Eva-f (vectorized FOOF), trained the way the paper trains it.
+
+  Like :func:`eva` with :func:`scale_by_eva_f`. The default scaling is the
+  journal KL-normalization, the only one the authors ran Eva-f with
+  (``semi-eva``, ``kl_clip=1``).
+  """
+  scaling = layerwise.resolve_scaling(kl_clip, kl_normalize, "kl_normalize")
+  pre = scale_by_eva_f(damping, stat_decay, kl_clip=kl_clip,
+                       kl_normalize=scaling == "kl_normalize",
+                       learning_rate=learning_rate if kl_clip is not None else None,
+                       stats_every=stats_every)
+  return training_chain(pre, learning_rate, momentum, weight_decay, nesterov)

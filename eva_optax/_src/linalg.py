@@ -1,0 +1,86 @@
+"""Closed-form and dense solves used by the preconditioners (float32 in, float32 out).
+
+Matrices are in the *layer view* ``(d_in [+1], d_out)`` (a Flax kernel with the bias
+as a last row), so the paper's ``G_hat (d_out x d_in)`` is our ``G_hat^T``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def eva_solve(gmat: Array, a: Array, g: Array, damping: Array) -> Array:
+  """``(v v^T + damping I)^{-1} vec(G_hat)`` with ``v = vec(a g^T)`` (Sherman-Morrison).
+
+  .. math::
+    U = \\frac{1}{\\gamma}\\Big[\\hat G - \\frac{a^T \\hat G g}{\\gamma + \\|a\\|^2\\|g\\|^2}\\, a g^T\\Big]
+
+  Costs one matrix-vector product and one rank-one update; no matrix inverse.
+  """
+  alpha = jnp.vdot(a, a)
+  beta = jnp.vdot(g, g)
+  c = jnp.vdot(a, gmat @ g)
+  return (gmat - (c / (alpha * beta + damping)) * jnp.outer(a, g)) / damping
+
+
+def eva_f_solve(gmat: Array, a: Array, damping: Array) -> Array:
+  """``(a a^T + damping I)^{-1} G_hat`` (the paper's ``G_hat (a a^T + γI)^{-1}``).
+
+  .. math::
+    U = \\frac{1}{\\gamma}\\Big[\\hat G - \\frac{a\\,(a^T \\hat G)}{\\gamma + \\|a\\|^2}\\Big]
+  """
+  return (gmat - jnp.outer(a, (a @ gmat) / (jnp.vdot(a, a) + damping))) / damping
+
+
+def rank_one_tensor(vectors: list[Array]) -> Array:
+  """``s_1 o s_2 o ... o s_r`` as a tensor of shape ``(len(s_1), ..., len(s_r))``."""
+  out = vectors[0]
+  for v in vectors[1:]:
+    out = out[..., None] * v
+  return out
+
+
+def eva_s_solve(t: Array, vectors: list[Array], damping: Array) -> Array:
+  """``(u u^T + damping I)^{-1} vec(T)`` with ``u = s_1 (x) ... (x) s_r`` (per tensor).
+
+  .. math::
+    P = \\frac{1}{\\gamma}\\Big[T - \\frac{\\langle T, s_1\\circ\\cdots\\circ s_r\\rangle}
+        {\\gamma + \\prod_i \\|s_i\\|^2}\\, s_1\\circ\\cdots\\circ s_r\\Big]
+  """
+  c = t
+  for v in vectors:   # contract the leading axis with each s_i in turn
+    c = jnp.tensordot(v, c, axes=(0, 0))
+  mu = 1.0
+  for v in vectors:
+    mu = mu * jnp.vdot(v, v)
+  return (t - (c / (damping + mu)) * rank_one_tensor(vectors)) / damping
+
+
+def damped_inverse(m: Array, damping: Array) -> Array:
+  """``(m + damping I)^{-1}`` for a symmetric PSD ``m``, by Cholesky."""
+  eye = jnp.eye(m.shape[-1], dtype=m.dtype)
+  chol = jax.scipy.linalg.cho_factor(m + damping * eye, lower=True)
+  return jax.scipy.linalg.cho_solve(chol, eye)
+
+
+def symmetric_eig(m: Array, floor: float = 1e-10) -> tuple[Array, Array]:
+  """Eigenvalues (ascending, those below ``floor`` set to 0) and eigenvectors."""
+  m = 0.5 * (m + jnp.swapaxes(m, -1, -2))
+  d, q = jnp.linalg.eigh(m)
+  return jnp.where(d > floor, d, 0.0), q
+
+
+def inverse_root(m: Array, exponent: float, epsilon: float) -> Array:
+  """``(m + epsilon * lambda_max I)^{-1/exponent}`` for a symmetric PSD ``m``.
+
+  The ridge is relative to the largest eigenvalue (floored at the float32
+  tiny value, so an all-zero block maps to a finite matrix).
+  """
+  d, q = symmetric_eig(m, floor=0.0)
+  lam_max = jnp.max(d, axis=-1, keepdims=True)
+  ridge = epsilon * jnp.maximum(lam_max, jnp.finfo(m.dtype).tiny)
+  scale = (d + ridge) ** (-1.0 / exponent)
+  return (q * scale[..., None, :]) @ jnp.swapaxes(q, -1, -2)

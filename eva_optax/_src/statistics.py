@@ -1,0 +1,58 @@
+"""The per-layer statistics container returned by :func:`eva_optax.value_and_grad`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import struct
+
+Array = jax.Array
+
+
+@struct.dataclass
+class LayerStatistics:
+  """Statistics of one captured layer (a pytree; ``kind`` and ``note`` are static).
+
+  The layer is viewed as ``y = [x, 1] W_hat`` with ``W_hat`` of shape
+  ``(d_in + 1, d_out)`` (the bias entry only when the layer has a bias):
+
+  * ``a``: mean over rows (examples x positions) of ``[x, 1]``, shape ``(d_in + 1,)``;
+    the bias entry is exactly 1.
+  * ``g``: mean over rows of ``dL/dy``, shape ``(d_out,)``. With a batch-mean loss
+    every row carries the ``1/B`` of the mean.
+  * ``A``, ``G`` (``statistics="factors"``): means over examples of the outer
+    products of the per-example position means of ``[x, 1]`` and ``dL/dy``.
+  * ``a_rows``, ``g_rows`` (``statistics="rows"``): every row, for diagnostics.
+
+  A layer that has a kernel but is not captured (grouped convolution, an
+  unsupported layer type) has every array ``None`` and says why in ``note``.
+  """
+
+  a: Array | None = None
+  g: Array | None = None
+  A: Array | None = None
+  G: Array | None = None
+  a_rows: Array | None = None
+  g_rows: Array | None = None
+  kind: str = struct.field(pytree_node=False, default="")
+  note: str = struct.field(pytree_node=False, default="")
+
+  @property
+  def captured(self) -> bool:
+    """Whether this layer has statistics (False: its gradient passes through)."""
+    return self.a is not None
+
+  def __getitem__(self, key: str) -> Any:
+    value = getattr(self, key, None) if key in _FIELDS else None
+    if value is None:
+      raise KeyError(f"LayerStatistics of a {self.kind} layer has no {key!r}; "
+                     f"it has {sorted(k for k in _FIELDS if getattr(self, k) is not None)}")
+    return value
+
+
+_FIELDS = ("a", "g", "A", "G", "a_rows", "g_rows")
+
+
+def is_layer_statistics(x: Any) -> bool:
+  return isinstance(x, LayerStatistics)

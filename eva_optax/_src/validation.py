@@ -1,0 +1,51 @@
+"""Eager argument checks with messages that name the argument and the fix."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+
+def _is_number(x: Any) -> bool:
+  # Python and NumPy scalars are checked; arrays and tracers (inject_hyperparams)
+  # and schedules (callables) are taken as given.
+  return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def check_positive(name: str, value: Any, *, fix: str = "") -> None:
+  if callable(value):
+    return
+  if isinstance(value, bool) or (not _is_number(value) and not hasattr(value, "dtype")):
+    raise TypeError(f"{name} must be a number or a schedule, got {value!r}.")
+  if _is_number(value) and not value > 0:
+    raise ValueError(f"{name} must be > 0, got {name}={value!r}. {fix}".rstrip())
+
+
+def check_unit_interval(name: str, value: Any, *, fix: str = "") -> None:
+  if callable(value):
+    return
+  if isinstance(value, bool) or (not _is_number(value) and not hasattr(value, "dtype")):
+    raise TypeError(f"{name} must be a number in [0, 1], got {value!r}.")
+  if _is_number(value) and not 0.0 <= value <= 1.0:
+    raise ValueError(f"{name} must be in [0, 1], got {name}={value!r}. {fix}".rstrip())
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+  if callable(value):
+    return
+  if isinstance(value, bool) or (not _is_number(value) and not hasattr(value, "dtype")):
+    raise TypeError(f"{name} must be a number, got {value!r}.")
+  if _is_number(value) and value < 0:
+    raise ValueError(f"{name} must be >= 0, got {name}={value!r}.")
+
+
+def check_interval(name: str, value: Any) -> None:
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(f"{name} must be a positive int (a number of steps), got {value!r}.")
+  if value < 1:
+    raise ValueError(f"{name} must be >= 1, got {name}={value!r}.")
+
+
+def is_zero(value: Any) -> bool:
+  """True for a Python/NumPy zero (a term that can be left out of a chain)."""
+  return _is_number(value) and value == 0

@@ -10,6 +10,10 @@ from eva_optax._src.eva import eva
 from eva_optax._src.eva import eva_f
 from eva_optax._src.eva import scale_by_eva
 from eva_optax._src.eva import scale_by_eva_f
+from eva_optax._src.foof import foof
+from eva_optax._src.foof import scale_by_foof
+from eva_optax._src.kfac import kfac
+from eva_optax._src.kfac import scale_by_kfac
 from eva_optax._src.layerwise import LayerwiseState
 from eva_optax._src.statistics import LayerStatistics
 from eva_optax._src.training_chain import training_chain
@@ -23,8 +27,12 @@ __all__ = (
     "describe",
     "eva",
     "eva_f",
+    "foof",
+    "kfac",
     "scale_by_eva",
     "scale_by_eva_f",
+    "scale_by_foof",
+    "scale_by_kfac",
     "training_chain",
     "value_and_grad",
 )

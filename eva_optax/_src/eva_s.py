@@ -1,0 +1,250 @@
+"""Eva-s: vectorized Shampoo, a per-tensor rank-one preconditioner in closed form.
+
+Shampoo keeps one ``d_i x d_i`` statistic per axis of a gradient tensor ``T``
+and applies their inverse roots. Eva-s keeps one *vector* per axis instead,
+``s_i`` = the mean of ``T`` over all other axes, and inverts the rank-one
+Kronecker product ``u u^T + gamma I`` with ``u = s_1 (x) ... (x) s_r`` by
+Sherman-Morrison, so no matrix is formed or inverted. The state per tensor is
+``sum_i d_i`` floats. It needs the gradient only (no layer statistics).
+
+References:
+  Zhang et al., "Eva: A General Vectorized Approximation Framework for
+  Second-order Optimization" (the journal version of `Eva: Practical
+  Second-order Optimization with Kronecker-vectorized Approximation
+  <https://openreview.net/forum?id=_Mic8V96Voy>`_, ICLR 2023), and the
+  authors' ``shampoo/vshampoo.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from eva_optax._src import linalg
+from eva_optax._src import validation
+from eva_optax._src.training_chain import training_chain
+
+Array = jax.Array
+
+# Added to the norm of the preconditioned tensor before the rescale (as the authors).
+_GRAFT_EPS = 1e-16
+
+
+def _value(x: Any, count: Array) -> Any:
+  return x(count) if callable(x) else x
+
+
+def _is_preconditioned(leaf: Any) -> bool:
+  """Tensors of rank >= 2 (kernels, conv kernels) get Eva-s; the rest pass."""
+  return hasattr(leaf, "ndim") and leaf.ndim >= 2 and leaf.size > 0
+
+
+def mean_vectors(t: Array) -> tuple[Array, ...]:
+  """``s_i`` = mean of ``t`` over every axis but ``i``, one vector per axis."""
+  axes = range(t.ndim)
+  return tuple(jnp.mean(t, axis=tuple(j for j in axes if j != i)) for i in axes)
+
+
+def _state_leaves(treedef: Any, tree: Any, name: str) -> list[Any]:
+  try:
+    return treedef.flatten_up_to(tree)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f"{name}: the updates tree does not match the optimizer state (was the "
+        "optimizer initialised with params of the same structure as these "
+        f"gradients?): {e}") from e
+
+
+class ScaleByEvaSState(NamedTuple):
+  """State of :func:`scale_by_eva_s`: one running vector per tensor axis."""
+
+  count: Array            # shape=(), dtype=jnp.int32: update calls so far.
+  stats_count: Array      # shape=(), dtype=jnp.int32: statistics accumulated.
+  nonfinite_count: Array  # shape=(), dtype=jnp.int32: statistics skipped as non-finite.
+  # Like params: a tuple (s_1, ..., s_r) of float32 vectors per leaf of rank
+  # r >= 2, an empty tuple for the leaves that pass through.
+  vectors: Any
+
+
+def scale_by_eva_s(
+    damping: Any = 0.03,
+    stat_decay: Any = None,
+    *,
+    stats_every: int = 1,
+) -> optax.GradientTransformationExtraArgs:
+  """Eva-s preconditioning only (no momentum, weight decay or learning rate).
+
+  For every parameter tensor ``T`` of rank ``r >= 2`` (a Dense kernel, or a
+  conv kernel kept 4-D in Flax layout ``(kh, kw, C_in, C_out)``), Eva-s keeps one
+  float32 vector per axis, accumulated from ``mean_{axes != i}(T)``, and applies
+  the inverse of ``u u^T + gamma I``, ``u = s_1 (x) ... (x) s_r``, in closed form:
+
+  .. math::
+    P = (u u^T + \\gamma I)^{-1}\\mathrm{vec}(T)
+      = \\frac{1}{\\gamma}\\Big[T - \\frac{\\langle T, s_1\\circ\\cdots\\circ s_r\\rangle}
+        {\\gamma + \\prod_i \\|s_i\\|^2}\\, s_1\\circ\\cdots\\circ s_r\\Big],
+    \\qquad P \\leftarrow P\\,\\frac{\\|T\\|_F}{\\|P\\|_F + 10^{-16}}.
+
+  The second step is the authors' layer-wise rescale ("grafting" to the
+  gradient norm): each tensor's update has the norm of its gradient, so the
+  ``1/gamma`` factor cancels and ``gamma`` only sets how much of the component
+  along ``s_1 o ... o s_r`` is removed (the fraction ``mu / (gamma + mu)``,
+  ``mu = prod_i |s_i|^2``). The update is the same for any axis order, so the
+  Flax and PyTorch kernel layouts give the same preconditioner.
+
+  Statistics: with ``stat_decay=None`` (the default, the authors' ``beta2 = 1``)
+  ``s_i`` is a running *sum* of the per-step mean vectors, starting from zero,
+  so the first step uses the current gradient's own means. With a float,
+  ``s_i <- (1 - stat_decay) s_i + stat_decay * mean_i(T)`` (``stat_decay`` is
+  the weight of the NEW statistic, as everywhere in this library, which is
+  ``1 - beta2`` of the authors' Google convention) and the first observation
+  initialises ``s_i``. Statistics are folded in when ``count % stats_every == 0``
+  (so at step 0 too), before preconditioning; non-finite statistics are skipped
+  (the whole step's) and counted in ``nonfinite_count``.
+
+  Tensors of rank <= 1 (biases, norms) pass through unchanged. Everything is
+  computed in float32; updates come back in the gradient dtype. ``update``
+  ignores extra keyword arguments (``stats=`` may be passed as to every other
+  optimizer of the library). See :func:`eva_optax.eva_s` for the full optimizer.
+
+  Args:
+    damping: ``gamma > 0`` (the paper's 0.03), a float or a schedule.
+    stat_decay: ``None`` for a running sum (the authors' setting), or the
+      weight in ``[0, 1]`` of the new statistic of a running average (float or
+      schedule).
+    stats_every: accumulate statistics every this many steps (>= 1).
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+
+  References:
+    Zhang et al., "Eva: A General Vectorized Approximation Framework for
+    Second-order Optimization" (journal version of the ICLR 2023 paper),
+    section "Eva-s"; the authors' ``dev:shampoo/vshampoo.py``.
+  """
+  validation.check_positive(
+      "damping", damping,
+      fix="Eva-s inverts u u^T + damping * I; the paper uses 0.03.")
+  if stat_decay is not None:
+    validation.check_unit_interval(
+        "stat_decay", stat_decay,
+        fix="It is the weight of the NEW statistic; None keeps a running sum "
+        "(the authors' setting).")
+  validation.check_interval("stats_every", stats_every)
+
+  def init_fn(params):
+    def init_leaf(p):
+      if not _is_preconditioned(p):
+        return ()
+      return tuple(jnp.zeros((d,), jnp.float32) for d in p.shape)
+    zero = jnp.zeros([], jnp.int32)
+    return ScaleByEvaSState(
+        count=zero, stats_count=zero, nonfinite_count=zero,
+        vectors=jax.tree.map(init_leaf, params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    leaves, treedef = jax.tree.flatten(updates)
+    old = _state_leaves(treedef, state.vectors, "eva_s")
+    count = state.count
+    gamma = jnp.asarray(_value(damping, count), jnp.float32)
+
+    with jax.default_matmul_precision("highest"):
+      tensors = [g.astype(jnp.float32) if _is_preconditioned(g) else None
+                 for g in leaves]
+      obs = [mean_vectors(t) if t is not None else () for t in tensors]
+      finite = jnp.all(jnp.asarray(
+          [jnp.all(jnp.isfinite(s)) for vs in obs for s in vs] or [True]))
+      due = (count % stats_every) == 0
+      accept = jnp.logical_and(due, finite)
+      if stat_decay is None:
+        merge = lambda o, n: o + n
+      else:
+        xi = jnp.asarray(_value(stat_decay, count), jnp.float32)
+        first = state.stats_count == 0
+        merge = lambda o, n: jnp.where(first, n, (1.0 - xi) * o + xi * n)
+      vectors = [tuple(jnp.where(accept, merge(o, n), o) for o, n in zip(ov, nv))
+                 for ov, nv in zip(old, obs)]
+
+      out = []
+      for g, t, vs in zip(leaves, tensors, vectors):
+        if t is None:
+          out.append(g)
+          continue
+        p = linalg.eva_s_solve(t, list(vs), gamma)
+        scale = jnp.sqrt(jnp.sum(t * t)) / (jnp.sqrt(jnp.sum(p * p)) + _GRAFT_EPS)
+        out.append((p * scale).astype(g.dtype))
+
+    new_state = ScaleByEvaSState(
+        count=optax.safe_increment(count),
+        stats_count=state.stats_count + accept.astype(jnp.int32),
+        nonfinite_count=state.nonfinite_count
+        + jnp.logical_and(due, jnp.logical_not(finite)).astype(jnp.int32),
+        vectors=jax.tree.unflatten(treedef, vectors))
+    return jax.tree.unflatten(treedef, out), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def eva_s(
+    learning_rate: Any,
+    momentum: Any = 0.9,
+    weight_decay: Any = 0.0,
+    damping: Any = 0.03,
+    stat_decay: Any = None,
+    *,
+    stats_every: int = 1,
+    nesterov: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  """Eva-s (vectorized Shampoo), trained the way the paper trains it.
+
+  ``chain(scale_by_eva_s, add_decayed_weights(weight_decay), trace(momentum),
+  scale_by_learning_rate(learning_rate))``: the preconditioned (and rescaled)
+  gradient of every tensor of rank >= 2, the plain gradient for the rest, then
+  weight decay (never preconditioned), heavy-ball momentum and the learning rate.
+
+  .. math::
+    d_t = P(T_t) + \\lambda w_t, \\quad m_t = \\mu m_{t-1} + d_t, \\quad
+    w_{t+1} = w_t - \\eta_t m_t.
+
+  Unlike the authors' code, the momentum buffer is updated once per step: their
+  Google-reference ``momentum_update`` aliases the buffer, so with their default
+  ``nesterov=True`` it computes ``m_t = mu^2 m_{t-1} + (1 + mu) d_t``. Eva-s needs
+  no layer statistics; passing ``stats=`` to ``update`` is harmless.
+
+  Args:
+    learning_rate: float or optax schedule.
+    momentum: heavy-ball momentum (0.9 in the paper); 0 for none.
+    weight_decay: added after preconditioning (5e-4 on CIFAR in the paper).
+    damping: ``gamma`` (0.03 in the paper).
+    stat_decay: ``None`` for the authors' running sum of the mean vectors, or
+      the weight of the new statistic of a running average.
+    stats_every: statistics interval in steps (1 in the paper).
+    nesterov: Nesterov momentum instead of heavy ball.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, optax, eva_optax
+    >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])
+    >>> x, y = jnp.ones((16, 4)), jnp.zeros((16, 2))
+    >>> params = model.init(jax.random.PRNGKey(0), x)["params"]
+    >>> loss_fn = lambda p: jnp.mean((model.apply({"params": p}, x) - y) ** 2)
+    >>> tx = eva_optax.eva_s(learning_rate=0.1)
+    >>> opt_state = tx.init(params)
+    >>> loss, grads = jax.value_and_grad(loss_fn)(params)
+    >>> updates, opt_state = tx.update(grads, opt_state, params)
+    >>> params = optax.apply_updates(params, updates)
+
+  References:
+    Zhang et al., "Eva: A General Vectorized Approximation Framework for
+    Second-order Optimization" (journal version of `Eva: Practical Second-order
+    Optimization with Kronecker-vectorized Approximation
+    <https://openreview.net/forum?id=_Mic8V96Voy>`_, ICLR 2023).
+  """
+  pre = scale_by_eva_s(damping, stat_decay, stats_every=stats_every)
+  return training_chain(pre, learning_rate, momentum, weight_decay, nesterov)

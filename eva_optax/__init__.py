@@ -10,11 +10,17 @@ from eva_optax._src.eva import eva
 from eva_optax._src.eva import eva_f
 from eva_optax._src.eva import scale_by_eva
 from eva_optax._src.eva import scale_by_eva_f
+from eva_optax._src.eva_s import ScaleByEvaSState
+from eva_optax._src.eva_s import eva_s
+from eva_optax._src.eva_s import scale_by_eva_s
 from eva_optax._src.foof import foof
 from eva_optax._src.foof import scale_by_foof
 from eva_optax._src.kfac import kfac
 from eva_optax._src.kfac import scale_by_kfac
 from eva_optax._src.layerwise import LayerwiseState
+from eva_optax._src.shampoo import ScaleByShampooState
+from eva_optax._src.shampoo import scale_by_shampoo
+from eva_optax._src.shampoo import shampoo
 from eva_optax._src.statistics import LayerStatistics
 from eva_optax._src.training_chain import training_chain
 
@@ -24,15 +30,21 @@ __all__ = (
     "LayerStatistics",
     "LayerwiseState",
     "STATISTICS",
+    "ScaleByEvaSState",
+    "ScaleByShampooState",
     "describe",
     "eva",
     "eva_f",
+    "eva_s",
     "foof",
     "kfac",
     "scale_by_eva",
     "scale_by_eva_f",
+    "scale_by_eva_s",
     "scale_by_foof",
     "scale_by_kfac",
+    "scale_by_shampoo",
+    "shampoo",
     "training_chain",
     "value_and_grad",
 )

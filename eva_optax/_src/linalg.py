@@ -39,7 +39,7 @@ def rank_one_tensor(vectors: list[Array]) -> Array:
   """``s_1 o s_2 o ... o s_r`` as a tensor of shape ``(len(s_1), ..., len(s_r))``."""
   out = vectors[0]
   for v in vectors[1:]:
-    out = out[..., None] * v
+    out = out[..., None] * v.reshape((1,) * out.ndim + v.shape)
   return out
 
 
@@ -76,11 +76,11 @@ def symmetric_eig(m: Array, floor: float = 1e-10) -> tuple[Array, Array]:
 def inverse_root(m: Array, exponent: float, epsilon: float) -> Array:
   """``(m + epsilon * lambda_max I)^{-1/exponent}`` for a symmetric PSD ``m``.
 
-  The ridge is relative to the largest eigenvalue (floored at the float32
-  tiny value, so an all-zero block maps to a finite matrix).
+  The ridge is relative to the largest eigenvalue, floored at 1e-30 so that an
+  all-zero block maps to a finite matrix.
   """
   d, q = symmetric_eig(m, floor=0.0)
   lam_max = jnp.max(d, axis=-1, keepdims=True)
-  ridge = epsilon * jnp.maximum(lam_max, jnp.finfo(m.dtype).tiny)
+  ridge = jnp.maximum(epsilon * lam_max, 1e-30)
   scale = (d + ridge) ** (-1.0 / exponent)
   return (q * scale[..., None, :]) @ jnp.swapaxes(q, -1, -2)

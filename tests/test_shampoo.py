@@ -1,0 +1,238 @@
+"""Blocked Shampoo against a float64 NumPy reference, plus its state contract."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eva_optax._src import shampoo as shampoo_lib
+
+RTOL = 1e-4
+# Relative ridge of the roots in the reference comparisons. One or a few
+# observations give ill-conditioned statistics, and float32 eigh leaves errors of
+# ~1e-7 lambda_max on their eigenvalues: with the default 1e-6 ridge that costs
+# up to ~2e-4 relative error on some draws, with 1e-4 under 1e-5.
+EPS = 1e-4
+TINY32 = float(np.finfo(np.float32).tiny)
+
+
+def _grads(shape, steps, seed=0):
+  rng = np.random.default_rng(seed)
+  return [(rng.standard_normal(shape) + 0.3).astype(np.float32)
+          for _ in range(steps)]
+
+
+def _run(tx, grads, params=None):
+  """Applies ``tx`` to each gradient tree in turn; returns updates and states."""
+  state = tx.init(grads[0] if params is None else params)
+  update = jax.jit(tx.update)
+  outs, states = [], []
+  with jax.numpy_rank_promotion("raise"), jax.numpy_dtype_promotion("strict"):
+    for g in grads:
+      u, state = update(g, state, params, stats={"ignored": 1.0})
+      outs.append(u)
+      states.append(state)
+  return outs, states
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def _np_inverse_root(m, eps):
+  """``(m + eps * lambda_max I)^{-1/4}`` by float64 eigh (eigenvalues floored at 0)."""
+  d, q = np.linalg.eigh(0.5 * (m + m.T))
+  d = np.maximum(d, 0.0)
+  ridge = eps * max(d.max(), TINY32)
+  return (q * (d + ridge) ** -0.25) @ q.T
+
+
+def _np_stats(blocks_history, stat_decay):
+  """Summed (or running-average) ``G G^T`` and ``G^T G`` of one block."""
+  left = right = None
+  for gb in blocks_history:
+    nl, nr = gb @ gb.T, gb.T @ gb
+    if left is None:
+      left, right = nl, nr
+    elif stat_decay is None:
+      left, right = left + nl, right + nr
+    else:
+      left = (1 - stat_decay) * left + stat_decay * nl
+      right = (1 - stat_decay) * right + stat_decay * nr
+  return left, right
+
+
+def _np_shampoo(grad, stat_grads, block_size, eps, stat_decay=None):
+  """Per-block ``L^{-1/4} G R^{-1/4}`` of ``grad`` (viewed 2-D), roots from
+  ``stat_grads``, then grafted to ``|grad|_F`` over the whole tensor."""
+  g = np.asarray(grad, np.float64).reshape(-1, grad.shape[-1])
+  hist = [np.asarray(s, np.float64).reshape(g.shape) for s in stat_grads]
+  out = np.zeros_like(g)
+  m, n = g.shape
+  for r0 in range(0, m, block_size):
+    for c0 in range(0, n, block_size):
+      sl = (slice(r0, min(r0 + block_size, m)), slice(c0, min(c0 + block_size, n)))
+      left, right = _np_stats([h[sl] for h in hist], stat_decay)
+      out[sl] = (_np_inverse_root(left, eps) @ g[sl]
+                 @ _np_inverse_root(right, eps))
+  out *= np.linalg.norm(g) / np.linalg.norm(out)
+  return out.reshape(grad.shape)
+
+
+@pytest.mark.parametrize("shape", [(6, 4), (2, 2, 3, 4)], ids=["dense", "conv"])
+@pytest.mark.parametrize("stat_decay", [None, 0.9], ids=["sum", "ema"])
+def test_single_block_matches_reference(shape, stat_decay):
+  grads = _grads(shape, 3)
+  tx = shampoo_lib.scale_by_shampoo(stat_decay=stat_decay,
+                                    start_preconditioning_step=0,
+                                    matrix_eps=EPS)
+  outs, states = _run(tx, [jnp.asarray(g) for g in grads])
+  for steps in (1, 3):
+    ref = _np_shampoo(grads[steps - 1], grads[:steps], 128, EPS, stat_decay)
+    assert _rel(outs[steps - 1], ref) < RTOL
+  # One block; the statistics are the plain sums / averages of the 2-D view.
+  left, right = _np_stats([g.reshape(-1, shape[-1]).astype(np.float64)
+                           for g in grads], stat_decay)
+  np.testing.assert_allclose(states[-1].blocks["L"][0], left, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(states[-1].blocks["R"][0], right, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(10, 6), (9, 4)])
+def test_blocked_matches_per_block_reference(shape):
+  grads = _grads(shape, 3, seed=1)
+  tx = shampoo_lib.scale_by_shampoo(block_size=4, start_preconditioning_step=0,
+                                    matrix_eps=EPS)
+  outs, states = _run(tx, [jnp.asarray(g) for g in grads])
+  for steps in (1, 3):
+    ref = _np_shampoo(grads[steps - 1], grads[:steps], 4, EPS)
+    assert _rel(outs[steps - 1], ref) < RTOL
+  # Padding (10 -> 12 rows, 6 -> 8 columns) stays out of the statistics.
+  lay = shampoo_lib.block_layout(shape, 4)
+  left = np.asarray(states[-1].blocks["L"]).reshape(lay.nr, lay.nc, 4, 4)
+  pad_rows = lay.nr * 4 - shape[0]
+  if pad_rows:
+    assert np.all(left[-1, :, 4 - pad_rows:, :] == 0)
+
+
+def test_roots_refresh_every_k_steps():
+  k = 3
+  grads = _grads((5, 5), 5, seed=2)
+  tx = shampoo_lib.scale_by_shampoo(inverse_every=k, start_preconditioning_step=0,
+                                    matrix_eps=EPS)
+  outs, states = _run(tx, [jnp.asarray(g) for g in grads])
+  roots = [(np.asarray(s.blocks["L_root"]), np.asarray(s.blocks["R_root"]))
+           for s in states]
+  # Computed at step 0, kept bit-identical at steps 1 and 2, recomputed at step 3.
+  for step in (1, 2):
+    np.testing.assert_array_equal(roots[step][0], roots[0][0])
+    np.testing.assert_array_equal(roots[step][1], roots[0][1])
+  assert not np.allclose(roots[3][0], roots[0][0], rtol=1e-3)
+  assert not np.allclose(roots[3][1], roots[0][1], rtol=1e-3)
+  np.testing.assert_array_equal(roots[4][0], roots[3][0])
+  # Step 2 preconditions with the stale roots of the step-0 statistics (while
+  # the statistics themselves went on accumulating).
+  assert _rel(outs[2], _np_shampoo(grads[2], grads[:1], 128, EPS)) < RTOL
+  assert _rel(outs[3], _np_shampoo(grads[3], grads[:4], 128, EPS)) < RTOL
+  left, _ = _np_stats([g.astype(np.float64) for g in grads[:3]], None)
+  np.testing.assert_allclose(states[2].blocks["L"][0], left, rtol=1e-5, atol=1e-5)
+
+
+def test_start_preconditioning_and_stats_every():
+  grads = _grads((4, 3), 3, seed=3)
+  tx = shampoo_lib.scale_by_shampoo(start_preconditioning_step=2, stats_every=2,
+                                    matrix_eps=EPS)
+  outs, states = _run(tx, [jnp.asarray(g) for g in grads])
+  np.testing.assert_array_equal(outs[0], grads[0])
+  np.testing.assert_array_equal(outs[1], grads[1])
+  # Statistics at steps 0 and 2; roots refreshed every step from them.
+  assert _rel(outs[2], _np_shampoo(grads[2], [grads[0], grads[2]], 128, EPS)) < RTOL
+  assert int(states[-1].stats_count) == 2
+
+
+def test_pass_through_and_state_bytes():
+  params = {"dense": {"kernel": jnp.zeros((10, 6)), "bias": jnp.zeros((6,))},
+            "conv": {"kernel": jnp.zeros((3, 3, 2, 4)), "bias": jnp.zeros((4,))},
+            "scale": jnp.zeros(())}
+  tx = shampoo_lib.scale_by_shampoo(block_size=4)
+  grads = jax.tree.map(lambda p: jnp.arange(p.size, dtype=p.dtype).reshape(p.shape)
+                       + 0.5, params)
+  (u,), (state,) = _run(tx, [grads], params)
+  for path in (("dense", "bias"), ("conv", "bias"), ("scale",)):
+    got, want = u, grads
+    for k in path:
+      got, want = got[k], want[k]
+    np.testing.assert_array_equal(got, want)
+  # Per block: 2 statistics + 2 roots, float32. dense (10, 6): 3 x 2 blocks of
+  # 4 x 4; conv viewed (18, 4): 5 x 1 blocks of 4 x 4; plus three int32 counters.
+  dense = 3 * 2 * 2 * (4 * 4 + 4 * 4)
+  conv = 5 * 1 * 2 * (4 * 4 + 4 * 4)
+  nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
+  assert nbytes == 4 * (dense + conv) + 3 * 4
+  # Without blocking a side is its own length: (10, 6) -> 2 (10^2 + 6^2).
+  state = shampoo_lib.scale_by_shampoo().init({"w": jnp.zeros((10, 6))})
+  assert sum(x.nbytes for x in jax.tree.leaves(state)) == 4 * 2 * (100 + 36) + 12
+
+
+def test_nonfinite_gradient_keeps_state_finite():
+  grads = [jnp.asarray(g) for g in _grads((5, 4), 3, seed=4)]
+  bad = grads[1].at[2, 1].set(jnp.inf)
+  tx = shampoo_lib.scale_by_shampoo(block_size=3, start_preconditioning_step=0,
+                                    matrix_eps=EPS)
+  outs, states = _run(tx, [grads[0], bad, grads[2]])
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(states[-1]))
+  assert int(states[-1].nonfinite_count) == 1
+  assert int(states[-1].stats_count) == 2
+  ref = _np_shampoo(np.asarray(grads[2]), [grads[0], grads[2]], 3, EPS)
+  assert _rel(outs[2], ref) < RTOL
+
+
+def test_zero_gradient_block_stays_finite():
+  g = np.zeros((6, 4), np.float32)
+  g[:3] = _grads((3, 4), 1, seed=5)[0]   # rows 3..5 (the second block) are zero
+  outs, states = _run(shampoo_lib.scale_by_shampoo(
+      block_size=3, start_preconditioning_step=0), [jnp.asarray(g)])
+  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(states[-1]))
+  assert bool(jnp.all(jnp.isfinite(outs[0])))
+  np.testing.assert_array_equal(outs[0][3:], 0.0)
+
+
+def test_bf16_updates_float32_state():
+  params = {"kernel": jnp.zeros((5, 3), jnp.bfloat16),
+            "bias": jnp.zeros((3,), jnp.bfloat16)}
+  grads = {"kernel": jnp.asarray(_grads((5, 3), 1)[0], jnp.bfloat16),
+           "bias": jnp.ones((3,), jnp.bfloat16)}
+  (u,), (state,) = _run(shampoo_lib.shampoo(0.1, weight_decay=1e-4,
+                                            start_preconditioning_step=0),
+                        [grads], params)
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(u))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state[0].blocks))
+
+
+def test_alias_is_single_heavy_ball():
+  grads = [{"w": jnp.asarray(g)} for g in _grads((4, 3), 2)]
+  pre, _ = _run(shampoo_lib.scale_by_shampoo(), grads)
+  full, _ = _run(shampoo_lib.shampoo(0.1, momentum=0.9), grads)
+  np.testing.assert_allclose(full[0]["w"], -0.1 * pre[0]["w"], rtol=1e-6)
+  np.testing.assert_allclose(
+      full[1]["w"], -0.1 * (0.9 * pre[0]["w"] + pre[1]["w"]), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"stat_decay": 1.5}, {"block_size": 0}, {"matrix_eps": 0.0},
+    {"matrix_eps": -1e-6}, {"inverse_every": 0}, {"stats_every": 0},
+    {"start_preconditioning_step": -1}])
+def test_bad_hyperparameters(kwargs):
+  with pytest.raises(ValueError, match=next(iter(kwargs))):
+    shampoo_lib.scale_by_shampoo(**kwargs)
+  with pytest.raises(ValueError, match=next(iter(kwargs))):
+    shampoo_lib.shampoo(0.1, **kwargs)
+
+
+def test_bad_types_and_alias_hyperparameters():
+  with pytest.raises(TypeError, match="block_size"):
+    shampoo_lib.scale_by_shampoo(block_size=4.0)
+  with pytest.raises(ValueError, match="momentum"):
+    shampoo_lib.shampoo(0.1, momentum=-0.5)

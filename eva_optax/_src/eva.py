@@ -22,7 +22,6 @@ import optax
 
 from eva_optax._src import layerwise
 from eva_optax._src import linalg
-from eva_optax._src.training_chain import training_chain
 
 EVA = layerwise.Method(
     name="eva", statistics="vectors", stat_keys=("a", "g"),
@@ -162,12 +161,10 @@ def eva(
     Kronecker-vectorized Approximation <https://openreview.net/forum?id=_Mic8V96Voy>`_,
     ICLR 2023.
   """
-  scaling = layerwise.resolve_scaling(kl_clip, kl_normalize, "kl_normalize")
-  pre = scale_by_eva(damping, stat_decay, kl_clip=kl_clip,
-                     kl_normalize=scaling == "kl_normalize",
-                     learning_rate=learning_rate if kl_clip is not None else None,
-                     stats_every=stats_every)
-  return training_chain(pre, learning_rate, momentum, weight_decay, nesterov)
+  return layerwise.alias(
+      scale_by_eva, learning_rate, momentum, weight_decay, damping, stat_decay,
+      kl_clip=kl_clip, kl_normalize=kl_normalize, default_scaling="kl_normalize",
+      nesterov=nesterov, stats_every=stats_every)
 
 
 def eva_f(
@@ -188,9 +185,7 @@ def eva_f(
   journal KL-normalization, the only one the authors ran Eva-f with
   (``semi-eva``, ``kl_clip=1``).
   """
-  scaling = layerwise.resolve_scaling(kl_clip, kl_normalize, "kl_normalize")
-  pre = scale_by_eva_f(damping, stat_decay, kl_clip=kl_clip,
-                       kl_normalize=scaling == "kl_normalize",
-                       learning_rate=learning_rate if kl_clip is not None else None,
-                       stats_every=stats_every)
-  return training_chain(pre, learning_rate, momentum, weight_decay, nesterov)
+  return layerwise.alias(
+      scale_by_eva_f, learning_rate, momentum, weight_decay, damping, stat_decay,
+      kl_clip=kl_clip, kl_normalize=kl_normalize, default_scaling="kl_normalize",
+      nesterov=nesterov, stats_every=stats_every)

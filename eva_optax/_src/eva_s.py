@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from eva_optax._src import linalg
+from eva_optax._src import tree_utils
 from eva_optax._src import validation
 from eva_optax._src.training_chain import training_chain
 
@@ -32,9 +33,6 @@ Array = jax.Array
 # Added to the norm of the preconditioned tensor before the rescale (as the authors).
 _GRAFT_EPS = 1e-16
 
-
-def _value(x: Any, count: Array) -> Any:
-  return x(count) if callable(x) else x
 
 
 def _is_preconditioned(leaf: Any) -> bool:
@@ -47,15 +45,6 @@ def mean_vectors(t: Array) -> tuple[Array, ...]:
   axes = range(t.ndim)
   return tuple(jnp.mean(t, axis=tuple(j for j in axes if j != i)) for i in axes)
 
-
-def _state_leaves(treedef: Any, tree: Any, name: str) -> list[Any]:
-  try:
-    return treedef.flatten_up_to(tree)
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-        f"{name}: the updates tree does not match the optimizer state (was the "
-        "optimizer initialised with params of the same structure as these "
-        f"gradients?): {e}") from e
 
 
 class ScaleByEvaSState(NamedTuple):
@@ -148,9 +137,9 @@ def scale_by_eva_s(
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     leaves, treedef = jax.tree.flatten(updates)
-    old = _state_leaves(treedef, state.vectors, "eva_s")
+    old = tree_utils.leaves_like(treedef, state.vectors, "eva_s")
     count = state.count
-    gamma = jnp.asarray(_value(damping, count), jnp.float32)
+    gamma = jnp.asarray(validation.value_at(damping, count), jnp.float32)
 
     with jax.default_matmul_precision("highest"):
       tensors = [g.astype(jnp.float32) if _is_preconditioned(g) else None
@@ -163,7 +152,7 @@ def scale_by_eva_s(
       if stat_decay is None:
         merge = lambda o, n: o + n
       else:
-        xi = jnp.asarray(_value(stat_decay, count), jnp.float32)
+        xi = jnp.asarray(validation.value_at(stat_decay, count), jnp.float32)
         first = state.stats_count == 0
         merge = lambda o, n: jnp.where(first, n, (1.0 - xi) * o + xi * n)
       vectors = [tuple(jnp.where(accept, merge(o, n), o) for o, n in zip(ov, nv))

@@ -27,7 +27,6 @@ import optax
 from eva_optax._src import layerwise
 from eva_optax._src import linalg
 from eva_optax._src import validation
-from eva_optax._src.training_chain import training_chain
 
 
 def _refresh(s, gamma):
@@ -119,10 +118,8 @@ def foof(
     Benzing, `Gradient Descent on Neurons and its Link to Approximate
     Second-order Optimization <https://arxiv.org/abs/2201.12250>`_, ICML 2022.
   """
-  scaling = layerwise.resolve_scaling(kl_clip, kl_normalize, "none")
-  pre = scale_by_foof(damping, stat_decay, kl_clip=kl_clip,
-                      kl_normalize=scaling == "kl_normalize",
-                      learning_rate=learning_rate if kl_clip is not None else None,
-                      stats_every=stats_every, inverse_every=inverse_every,
-                      top_k=top_k)
-  return training_chain(pre, learning_rate, momentum, weight_decay, nesterov)
+  return layerwise.alias(
+      scale_by_foof, learning_rate, momentum, weight_decay, damping, stat_decay,
+      kl_clip=kl_clip, kl_normalize=kl_normalize, default_scaling="none",
+      nesterov=nesterov, stats_every=stats_every, inverse_every=inverse_every,
+      top_k=top_k)

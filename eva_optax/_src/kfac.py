@@ -29,7 +29,6 @@ import optax
 
 from eva_optax._src import layerwise
 from eva_optax._src import linalg
-from eva_optax._src.training_chain import training_chain
 
 
 def damping_split(a_factor, g_factor, damping):
@@ -125,9 +124,7 @@ def kfac(
     Martens & Grosse, `Optimizing Neural Networks with Kronecker-factored
     Approximate Curvature <https://arxiv.org/abs/1503.05671>`_, ICML 2015.
   """
-  scaling = layerwise.resolve_scaling(kl_clip, kl_normalize, "none")
-  pre = scale_by_kfac(damping, stat_decay, kl_clip=kl_clip,
-                      kl_normalize=scaling == "kl_normalize",
-                      learning_rate=learning_rate if kl_clip is not None else None,
-                      stats_every=stats_every, inverse_every=inverse_every)
-  return training_chain(pre, learning_rate, momentum, weight_decay, nesterov)
+  return layerwise.alias(
+      scale_by_kfac, learning_rate, momentum, weight_decay, damping, stat_decay,
+      kl_clip=kl_clip, kl_normalize=kl_normalize, default_scaling="none",
+      nesterov=nesterov, stats_every=stats_every, inverse_every=inverse_every)

@@ -31,6 +31,7 @@ import optax
 from eva_optax._src import kl
 from eva_optax._src import tree_utils
 from eva_optax._src import validation
+from eva_optax._src.training_chain import training_chain
 
 Array = jax.Array
 LayerState = dict[str, Array]
@@ -60,10 +61,6 @@ class Method:
 
 def _stat_shape(key: str, d_a: int, d_out: int) -> tuple[int, ...]:
   return {"a": (d_a,), "g": (d_out,), "A": (d_a, d_a), "G": (d_out, d_out)}[key]
-
-
-def _value(x: Any, count: Array) -> Array:
-  return x(count) if callable(x) else x
 
 
 def _gmat(node: Any, d_in: int, d_out: int, has_bias: bool) -> Array:
@@ -176,8 +173,8 @@ def layerwise_preconditioner(
     layers = tree_utils.find_layers(updates)
     matched = _check_stats(method, stats, layers, state.layers)
     count = state.count
-    gamma = jnp.asarray(_value(damping, count), jnp.float32)
-    xi = jnp.asarray(_value(stat_decay, count), jnp.float32)
+    gamma = jnp.asarray(validation.value_at(damping, count), jnp.float32)
+    xi = jnp.asarray(validation.value_at(stat_decay, count), jnp.float32)
 
     # 1. Running averages of the statistics.
     names = {tree_utils.path_str(p): p for p, st in matched.items() if st is not None}
@@ -215,7 +212,7 @@ def layerwise_preconditioner(
 
     # 4. Global scaling over captured layers.
     if scaling == "kl_clip":
-      us = kl.kl_clip(us, gmats, jnp.asarray(_value(learning_rate, count),
+      us = kl.kl_clip(us, gmats, jnp.asarray(validation.value_at(learning_rate, count),
                                              jnp.float32), kl_clip)
     elif scaling == "kl_normalize":
       us = kl.kl_normalize(us, gmats, gamma)
@@ -256,3 +253,17 @@ def resolve_scaling(kl_clip: float | None, kl_normalize: bool | None,
   if kl_normalize is None:
     return default
   return "kl_normalize" if kl_normalize else "none"
+
+
+def alias(scale_by: Callable[..., optax.GradientTransformationExtraArgs],
+          learning_rate: Any, momentum: Any, weight_decay: Any, damping: Any,
+          stat_decay: Any, *, kl_clip: float | None, kl_normalize: bool | None,
+          default_scaling: str, nesterov: bool,
+          **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+  """``training_chain(scale_by(...))`` with the alias' scaling resolved."""
+  scaling = resolve_scaling(kl_clip, kl_normalize, default_scaling)
+  pre = scale_by(damping, stat_decay, kl_clip=kl_clip,
+                 kl_normalize=scaling == "kl_normalize",
+                 learning_rate=learning_rate if kl_clip is not None else None,
+                 **kwargs)
+  return training_chain(pre, learning_rate, momentum, weight_decay, nesterov)

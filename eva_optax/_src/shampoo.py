@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import optax
 
 from eva_optax._src import linalg
+from eva_optax._src import tree_utils
 from eva_optax._src import validation
 from eva_optax._src.training_chain import training_chain
 
@@ -34,9 +35,6 @@ Array = jax.Array
 _ROOT = 4          # L^{-1/4} G R^{-1/4}: the 2-D Shampoo exponent -1/(2 r), r = 2.
 _GRAFT_EPS = 1e-16
 
-
-def _value(x: Any, count: Array) -> Any:
-  return x(count) if callable(x) else x
 
 
 def _is_preconditioned(leaf: Any) -> bool:
@@ -91,15 +89,6 @@ def _check_int(name: str, value: Any, minimum: int, what: str) -> None:
   if value < minimum:
     raise ValueError(f"{name} must be >= {minimum} ({what}), got {name}={value!r}.")
 
-
-def _state_leaves(treedef: Any, tree: Any) -> list[Any]:
-  try:
-    return treedef.flatten_up_to(tree)
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-        "shampoo: the updates tree does not match the optimizer state (was the "
-        "optimizer initialised with params of the same structure as these "
-        f"gradients?): {e}") from e
 
 
 class ScaleByShampooState(NamedTuple):
@@ -221,7 +210,7 @@ def scale_by_shampoo(
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     leaves, treedef = jax.tree.flatten(updates)
-    old = _state_leaves(treedef, state.blocks)
+    old = tree_utils.leaves_like(treedef, state.blocks, "shampoo")
     count = state.count
 
     with jax.default_matmul_precision("highest"):
@@ -240,7 +229,7 @@ def scale_by_shampoo(
       if stat_decay is None:
         merge = lambda o, n: o + n
       else:
-        xi = jnp.asarray(_value(stat_decay, count), jnp.float32)
+        xi = jnp.asarray(validation.value_at(stat_decay, count), jnp.float32)
         first = state.stats_count == 0
         merge = lambda o, n: jnp.where(first, n, (1.0 - xi) * o + xi * n)
       blocks = [b if not b else dict(

@@ -109,3 +109,14 @@ def flatten_stats(stats: Any) -> dict[Path, Any]:
     if is_layer_statistics(leaf):
       out[tuple(key_name(k) for k in kp)] = leaf
   return out
+
+
+def leaves_like(treedef: Any, tree: Any, name: str) -> list[Any]:
+  """``tree`` flattened up to ``treedef`` (the updates' structure), or a clear error."""
+  try:
+    return treedef.flatten_up_to(tree)
+  except (ValueError, TypeError) as e:
+    raise ValueError(
+        f"{name}: the updates tree does not match the optimizer state (was the "
+        "optimizer initialised with params of the same structure as these "
+        f"gradients?): {e}") from e

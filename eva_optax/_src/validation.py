@@ -1,4 +1,4 @@
-"""Eager argument checks with messages that name the argument and the fix."""
+"""Hyperparameters: eager checks (messages name the argument and the fix) and values."""
 
 from __future__ import annotations
 
@@ -49,3 +49,8 @@ def check_interval(name: str, value: Any) -> None:
 def is_zero(value: Any) -> bool:
   """True for a Python/NumPy zero (a term that can be left out of a chain)."""
   return _is_number(value) and value == 0
+
+
+def value_at(hyperparameter: Any, count: Any) -> Any:
+  """The value of a float-or-schedule hyperparameter at step ``count``."""
+  return hyperparameter(count) if callable(hyperparameter) else hyperparameter

@@ -18,7 +18,6 @@ References:
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -83,12 +82,7 @@ def from_blocks(b: Array, lay: _Layout) -> Array:
   return t.reshape(lay.nr * lay.br, lay.nc * lay.bc)[:lay.m, :lay.n]
 
 
-def _check_int(name: str, value: Any, minimum: int, what: str) -> None:
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise TypeError(f"{name} must be an int ({what}), got {value!r}.")
-  if value < minimum:
-    raise ValueError(f"{name} must be >= {minimum} ({what}), got {name}={value!r}.")
-
+_DEFAULT_BLOCK_SIZE = 128  # the authors' block size
 
 
 class ScaleByShampooState(NamedTuple):
@@ -106,7 +100,7 @@ class ScaleByShampooState(NamedTuple):
 def scale_by_shampoo(
     *,
     stat_decay: Any = None,
-    block_size: int = 128,
+    block_size: int | None = None,
     matrix_eps: float = 1e-6,
     inverse_every: int = 1,
     stats_every: int = 1,
@@ -150,7 +144,8 @@ def scale_by_shampoo(
   Args:
     stat_decay: ``None`` for running sums (the authors' setting), or the weight
       in ``[0, 1]`` of the new statistic (float or schedule).
-    block_size: largest block side (the authors' 128).
+    block_size: largest block side; ``None`` means the authors' 128 (a
+      ``None`` default also keeps it static under ``optax.inject_hyperparams``).
     matrix_eps: relative ridge ``epsilon > 0`` of the inverse roots.
     inverse_every: recompute the roots every this many steps (>= 1).
     stats_every: accumulate statistics every this many steps (>= 1).
@@ -172,7 +167,8 @@ def scale_by_shampoo(
         "stat_decay", stat_decay,
         fix="It is the weight of the NEW statistic; None keeps a running sum "
         "(the authors' setting).")
-  _check_int("block_size", block_size, 1, "the largest block side")
+  block_size = validation.static_int(
+      "block_size", _DEFAULT_BLOCK_SIZE if block_size is None else block_size)
   validation.check_positive(
       "matrix_eps", matrix_eps,
       fix="It is the relative ridge of the inverse roots; 1e-6 is typical.")
@@ -180,8 +176,8 @@ def scale_by_shampoo(
     raise TypeError("matrix_eps must be a number, not a schedule.")
   validation.check_interval("inverse_every", inverse_every)
   validation.check_interval("stats_every", stats_every)
-  _check_int("start_preconditioning_step", start_preconditioning_step, 0,
-             "a number of steps")
+  validation.check_interval("start_preconditioning_step",
+                            start_preconditioning_step, minimum=0)
 
   def init_fn(params):
     def init_leaf(p):
@@ -270,7 +266,7 @@ def shampoo(
     weight_decay: Any = 0.0,
     *,
     stat_decay: Any = None,
-    block_size: int = 128,
+    block_size: int | None = None,
     matrix_eps: float = 1e-6,
     inverse_every: int = 1,
     stats_every: int = 1,
@@ -301,7 +297,7 @@ def shampoo(
     momentum: heavy-ball momentum (0.9 in the paper); 0 for none.
     weight_decay: added after preconditioning (5e-4 on CIFAR in the paper).
     stat_decay: ``None`` for running sums, or the weight of the new statistic.
-    block_size: largest block side.
+    block_size: largest block side (``None``: 128).
     matrix_eps: relative ridge of the inverse roots.
     inverse_every: root refresh interval in steps.
     stats_every: statistics interval in steps.

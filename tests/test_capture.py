@@ -1,0 +1,402 @@
+"""eva_optax.value_and_grad: the captured statistics against NumPy references."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eva_optax
+from conftest import LAYER_CASES
+from conftest import MLP
+from conftest import ConvNet
+from conftest import case_ids
+from conftest import im2col
+from conftest import layer_view
+from conftest import mse_loss
+from conftest import regression_batch
+from conftest import single_layer_problem
+from conftest import to64
+from conftest import with_one
+
+CONV_CASES = tuple(c for c in LAYER_CASES if c.conv is not None)
+
+
+def _close(x, ref, rtol=1e-5, atol_frac=1e-6, msg=""):
+  ref = to64(ref)
+  np.testing.assert_allclose(to64(x), ref, rtol=rtol,
+                             atol=atol_frac * max(np.abs(ref).max(), 1e-30), err_msg=msg)
+
+
+def _example_means(rows):
+  """(examples, positions, d) -> mean over positions: (examples, d)."""
+  return to64(rows).mean(axis=1)
+
+
+def _outer_mean(e):
+  return e.T @ e / e.shape[0]
+
+
+# ----------------------------------------------------------------------------
+# Per layer type: rows, means and factors.
+
+
+def _captured(case, statistics):
+  """``(problem, grads, stats)`` of a layer case (computed once per test session)."""
+  return _captured_by_name(case.name, statistics)
+
+
+@functools.lru_cache(maxsize=None)
+def _captured_by_name(name, statistics):
+  (case,) = [c for c in LAYER_CASES if c.name == name]
+  pb = single_layer_problem(case)
+  _, grads, stats = eva_optax.value_and_grad(pb.loss, statistics=statistics)(pb.params)
+  return pb, grads, stats
+
+
+@pytest.mark.parametrize("case", LAYER_CASES, ids=case_ids())
+def test_rows_reproduce_kernel_and_bias_gradients(case):
+  _, grads, stats = _captured(case, "rows")
+  _close(to64(stats.a_rows).T @ to64(stats.g_rows), layer_view(grads))
+
+
+@pytest.mark.parametrize("case", LAYER_CASES, ids=case_ids())
+def test_rows_match_reference_rows(case):
+  pb, _, stats = _captured(case, "rows")
+  d_in, d_out = pb.rows.shape[-1], pb.dy.shape[-1]
+  _close(stats.a_rows, with_one(pb.rows).reshape(-1, d_in + 1))
+  _close(stats.g_rows, pb.dy.reshape(-1, d_out))
+
+
+@pytest.mark.parametrize("case", LAYER_CASES, ids=case_ids())
+def test_means_and_factors(case):
+  pb, _, rows = _captured(case, "rows")
+  _, _, factors = _captured(case, "factors")
+  _, _, vectors = _captured(case, "vectors")
+  # a and g: means over all rows (examples x positions).
+  _close(rows.a, to64(rows.a_rows).mean(axis=0))
+  _close(rows.g, to64(rows.g_rows).mean(axis=0))
+  # A and G: means over examples of outer products of per-example position means.
+  a_e = with_one(_example_means(pb.rows))
+  g_e = _example_means(pb.dy)
+  for st in (rows, factors):
+    _close(st.a, pb.a)
+    _close(st.g, pb.g)
+    _close(st.A, _outer_mean(a_e))
+    _close(st.G, _outer_mean(g_e))
+  _close(vectors.a, pb.a)
+  _close(vectors.g, pb.g)
+  assert vectors.A is None and vectors.a_rows is None and factors.a_rows is None
+  assert rows.kind == type(pb.model).__name__ and rows.captured
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=case_ids(CONV_CASES))
+def test_conv_a_is_the_im2col_mean(case):
+  pb = single_layer_problem(case, seed=3)
+  _, _, stats = eva_optax.value_and_grad(pb.loss)(pb.params)
+  patches = im2col(pb.x, **case.conv)            # (batch, positions, kh*kw*C_in)
+  a_ref = np.append(patches.mean(axis=(0, 1)), 1.0)  # padding zeros count
+  _close(stats.a, a_ref)
+  assert float(stats.a[-1]) == 1.0
+
+
+def test_conv_a_counts_padding_zeros():
+  # Constant input 1: with 'SAME' padding the border patches hold zeros, so a < 1.
+  model = nn.Conv(2, (3, 3), padding="SAME")
+  x = jnp.ones((2, 4, 4, 1))
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  loss = lambda p: jnp.sum(model.apply({"params": p}, x)) / 2
+  _, _, stats = eva_optax.value_and_grad(loss)(params)
+  corner, centre = to64(stats.a[0]), to64(stats.a[4])
+  np.testing.assert_allclose(corner, 9 / 16)  # kernel tap (0, 0) sees 3 x 3 of the 4 x 4
+  np.testing.assert_allclose(centre, 1.0)
+
+
+# ----------------------------------------------------------------------------
+# How value_and_grad is called.
+
+
+def test_grads_equal_jax_value_and_grad():
+  model = ConvNet()
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 8, 8, 2)), jnp.float32)
+  y = jnp.ones((3, 3))
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  loss_fn = mse_loss(model)
+  loss, grads, _ = eva_optax.value_and_grad(loss_fn)(params, x, y)
+  ref_loss, ref_grads = jax.value_and_grad(loss_fn)(params, x, y)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  assert jax.tree.structure(grads) == jax.tree.structure(ref_grads)
+  for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7)
+
+
+def test_stats_mirror_params_by_module_path():
+  model = ConvNet()
+  x = jnp.ones((2, 8, 8, 2))
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  _, _, stats = eva_optax.value_and_grad(mse_loss(model))(params, x, jnp.ones((2, 3)))
+  assert set(stats) == {"Conv_0", "Conv_1", "Dense_0"}  # LayerNorm has no kernel
+  for name in stats:
+    assert stats[name].captured
+    assert stats[name].a.shape == (layer_view(params[name]).shape[0],)
+    assert stats[name].g.shape == (params[name]["bias"].size,)
+
+
+def test_nested_modules():
+
+  class Block(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      h = jnp.tanh(nn.Dense(4, name="inner")(x))
+      return nn.Dense(3, name="outer")(h)
+
+  class Net(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(2)(Block()(x))
+
+  model = Net()
+  x = jnp.ones((3, 5))
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  loss = lambda p: jnp.sum(model.apply({"params": p}, x) ** 2)
+  _, _, stats = eva_optax.value_and_grad(loss)(params)
+  assert set(stats) == {"Block_0", "Dense_0"}
+  assert set(stats["Block_0"]) == {"inner", "outer"}
+  assert stats["Block_0"]["inner"].a.shape == (6,)
+  assert stats["Block_0"]["outer"].a.shape == (5,)
+  assert stats["Dense_0"].g.shape == (2,)
+
+
+def test_under_jit_equals_eager(mlp_problem):
+  _, params, loss_fn, x, y = mlp_problem
+  grad_fn = eva_optax.value_and_grad(loss_fn, statistics="factors")
+  eager = grad_fn(params, x, y)
+  jitted = jax.jit(grad_fn)(params, x, y)
+  assert jax.tree.structure(eager) == jax.tree.structure(jitted)
+  for e, j in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
+    np.testing.assert_allclose(e, j, rtol=1e-5, atol=1e-7)
+
+
+def test_two_batch_sizes(mlp_problem):
+  _, params, loss_fn, _, _ = mlp_problem
+  grad_fn = jax.jit(eva_optax.value_and_grad(loss_fn))
+  for batch in (4, 7):
+    x, y = regression_batch(batch=batch, seed=batch)
+    _, _, stats = grad_fn(params, x, y)
+    _close(stats["Dense_0"].a, np.append(to64(x).mean(axis=0), 1.0))
+
+
+def test_has_aux(mlp_problem):
+  model, params, _, x, y = mlp_problem
+
+  def loss_fn(p, x, y):
+    out = model.apply({"params": p}, x)
+    return jnp.mean(jnp.sum((out - y) ** 2, axis=-1)), {"out": out}
+
+  (loss, aux), grads, stats = eva_optax.value_and_grad(loss_fn, has_aux=True)(params, x, y)
+  np.testing.assert_allclose(aux["out"], model.apply({"params": params}, x), rtol=1e-6)
+  ref_loss, ref_grads = jax.value_and_grad(lambda p: loss_fn(p, x, y)[0])(params)
+  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  np.testing.assert_allclose(grads["Dense_2"]["kernel"], ref_grads["Dense_2"]["kernel"],
+                             rtol=1e-5)
+  assert stats["Dense_0"].captured
+
+
+def test_has_aux_requires_a_pair(mlp_problem):
+  _, params, loss_fn, x, y = mlp_problem
+  with pytest.raises(TypeError, match="has_aux"):
+    eva_optax.value_and_grad(loss_fn, has_aux=True)(params, x, y)
+
+
+def test_several_inputs_and_keywords():
+
+  class Net(nn.Module):
+
+    @nn.compact
+    def __call__(self, x1, x2):
+      return nn.Dense(3)(jnp.concatenate([x1, x2], axis=-1))
+
+  model = Net()
+  rng = np.random.default_rng(0)
+  x1 = jnp.asarray(rng.normal(size=(4, 2)) + 1, jnp.float32)
+  x2 = jnp.asarray(rng.normal(size=(4, 3)) - 1, jnp.float32)
+  params = model.init(jax.random.PRNGKey(0), x1, x2)["params"]
+
+  def loss_fn(p, x1, x2, *, scale):
+    return scale * jnp.mean(model.apply({"params": p}, x1, x2) ** 2)
+
+  _, _, stats = eva_optax.value_and_grad(loss_fn)(params, x1, x2, scale=2.0)
+  a_ref = np.append(np.concatenate([to64(x1), to64(x2)], axis=-1).mean(axis=0), 1.0)
+  _close(stats["Dense_0"].a, a_ref)
+
+
+# ----------------------------------------------------------------------------
+# A module called twice in one forward pass.
+
+
+class _Shared(nn.Module):
+
+  @nn.compact
+  def __call__(self, x1, x2):
+    layer = nn.Dense(3)
+    return layer(x1), layer(x2)
+
+
+def _shared_problem():
+  rng = np.random.default_rng(0)
+  x1 = jnp.asarray(rng.normal(size=(3, 4)) + 1.0, jnp.float32)
+  x2 = jnp.asarray(rng.normal(size=(5, 4)) - 0.5, jnp.float32)  # other size, other mean
+  model = _Shared()
+  params = model.init(jax.random.PRNGKey(0), x1, x2)["params"]
+
+  def head(y1, y2):
+    return 0.5 * jnp.mean(jnp.sum((y1 - 1.0) ** 2, -1)) + jnp.mean(jnp.sum(jnp.sin(y2), -1))
+
+  def loss_fn(p):
+    return head(*model.apply({"params": p}, x1, x2))
+
+  dy1, dy2 = jax.grad(head, argnums=(0, 1))(*model.apply({"params": params}, x1, x2))
+  return params, loss_fn, (x1, x2), (dy1, dy2)
+
+
+def test_module_called_twice_pools_rows():
+  params, loss_fn, (x1, x2), (dy1, dy2) = _shared_problem()
+  loss, grads, stats = eva_optax.value_and_grad(loss_fn, statistics="factors")(params)
+  st = stats["Dense_0"]
+  xs = with_one(np.concatenate([to64(x1), to64(x2)]))  # 8 rows, not 2 calls
+  dys = np.concatenate([to64(dy1), to64(dy2)])
+  _close(st.a, xs.mean(axis=0))
+  _close(st.g, dys.mean(axis=0))
+  _close(st.A, xs.T @ xs / 8)
+  _close(st.G, dys.T @ dys / 8)
+  _close(layer_view(grads["Dense_0"]), xs.T @ dys)
+
+
+def test_module_called_twice_rows_mode_raises():
+  params, loss_fn, _, _ = _shared_problem()
+  with pytest.raises(ValueError, match="Dense_0"):
+    eva_optax.value_and_grad(loss_fn, statistics="rows")(params)
+
+
+def test_unknown_statistics_mode_raises():
+  with pytest.raises(ValueError, match="statistics"):
+    eva_optax.value_and_grad(lambda p: 0.0, statistics="matrices")
+
+
+# ----------------------------------------------------------------------------
+# Transformed, unsupported and low-precision layers.
+
+
+def test_remat_dense_is_captured():
+
+  class Net(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      return nn.remat(nn.Dense)(3)(x)
+
+  model = Net()
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(4, 5)) + 1.0, jnp.float32)
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  (name,) = params
+  loss_fn = lambda p: 0.5 * jnp.mean(jnp.sum((model.apply({"params": p}, x) - 2.0) ** 2, -1))
+  _, grads, stats = eva_optax.value_and_grad(loss_fn)(params)
+  assert set(stats) == {name} and stats[name].captured
+  y = model.apply({"params": params}, x)
+  _close(stats[name].a, np.append(to64(x).mean(axis=0), 1.0))
+  _close(stats[name].g, (to64(y) - 2.0).mean(axis=0) / 4)
+
+
+class _GroupedNet(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(4, (3, 3), feature_group_count=2)(x))
+    return nn.Dense(3)(x.mean(axis=(1, 2)))
+
+
+def _grouped_problem():
+  model = _GroupedNet()
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 6, 6, 2)) + 0.5, jnp.float32)
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  loss_fn = lambda p: jnp.mean((model.apply({"params": p}, x) - 1.0) ** 2)
+  return params, loss_fn
+
+
+def test_grouped_conv_is_reported_not_captured():
+  params, loss_fn = _grouped_problem()
+  _, _, stats = eva_optax.value_and_grad(loss_fn)(params)
+  st = stats["Conv_0"]
+  assert not st.captured
+  assert st.a is None and st.g is None and st.A is None
+  assert "feature_group_count" in st.note
+  assert stats["Dense_0"].captured
+
+
+def test_grouped_conv_gradient_passes_through_eva():
+  params, loss_fn = _grouped_problem()
+  _, grads, stats = eva_optax.value_and_grad(loss_fn)(params)
+  tx = eva_optax.scale_by_eva(0.03)
+  updates, _ = tx.update(grads, tx.init(params), params, stats=stats)
+  for leaf in ("kernel", "bias"):
+    np.testing.assert_array_equal(updates["Conv_0"][leaf], grads["Conv_0"][leaf])
+  assert not np.allclose(updates["Dense_0"]["kernel"], grads["Dense_0"]["kernel"])
+
+
+def test_bf16_params_give_float32_stats():
+  model = MLP(param_dtype=jnp.bfloat16)
+  x, y = regression_batch()
+  x = x.astype(jnp.bfloat16)
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  _, grads, stats = eva_optax.value_and_grad(mse_loss(model), statistics="factors")(
+      params, x, y)
+  assert grads["Dense_0"]["kernel"].dtype == jnp.bfloat16
+  for name in ("Dense_0", "Dense_1", "Dense_2"):
+    for key in ("a", "g", "A", "G"):
+      value = getattr(stats[name], key)
+      assert value.dtype == jnp.float32, (name, key)
+      assert np.all(np.isfinite(value))
+  _close(stats["Dense_0"].a, np.append(to64(x).mean(axis=0), 1.0), rtol=1e-6)
+
+
+def test_variables_dict_nests_stats_under_params(mlp_problem):
+  model, params, _, x, y = mlp_problem
+  variables = {"params": params}
+
+  def loss_fn(v, x, y):
+    return jnp.mean(jnp.sum((model.apply(v, x) - y) ** 2, axis=-1))
+
+  _, grads, stats = eva_optax.value_and_grad(loss_fn)(variables, x, y)
+  assert set(stats) == {"params"}
+  assert set(stats["params"]) == {"Dense_0", "Dense_1", "Dense_2"}
+  _close(stats["params"]["Dense_0"].a, np.append(to64(x).mean(axis=0), 1.0))
+  # And the optimizer pairs them with the nested gradients.
+  tx = eva_optax.scale_by_eva()
+  updates, _ = tx.update(grads, tx.init(variables), variables, stats=stats)
+  assert not np.allclose(updates["params"]["Dense_0"]["kernel"],
+                         grads["params"]["Dense_0"]["kernel"])
+
+
+def test_describe_mentions_every_module_and_not_captured():
+  params, loss_fn = _grouped_problem()
+  _, _, stats = eva_optax.value_and_grad(loss_fn)(params)
+  text = eva_optax.describe(stats, params)
+  for name in params:
+    assert name in text
+  assert "not captured" in text
+  assert "feature_group_count" in text
+
+  model = ConvNet()
+  x = jnp.ones((2, 8, 8, 2))
+  params = model.init(jax.random.PRNGKey(0), x)["params"]
+  _, _, stats = eva_optax.value_and_grad(mse_loss(model))(params, x, jnp.ones((2, 3)))
+  text = eva_optax.describe(stats, params)
+  for name in params:  # LayerNorm_0 too (as plain gradient)
+    assert name in text

@@ -1,0 +1,193 @@
+"""The examples, their data loading and the quickstart notebook run (small settings)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+NOTEBOOK = os.path.join(ROOT, "notebooks", "quickstart.ipynb")
+if EXAMPLES not in sys.path:
+  sys.path.insert(0, EXAMPLES)
+
+import datasets  # pylint: disable=g-import-not-at-top,wrong-import-position
+import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+HAVE_FMNIST = datasets.find_fashion_mnist()[0] is not None
+needs_fmnist = pytest.mark.skipif(
+    not HAVE_FMNIST, reason="Fashion-MNIST not installed (run `make data`)")
+
+
+# ----------------------------------------------------------------------------
+# Data.
+
+
+@needs_fmnist
+def test_load_fashion_mnist_shapes():
+  d = datasets.load_fashion_mnist()
+  assert d.x_train.shape == (60000, 28, 28) and d.x_test.shape == (10000, 28, 28)
+  assert d.y_train.shape == (60000,) and d.y_test.shape == (10000,)
+  assert d.x_train.dtype == np.float32
+  assert 0.0 <= d.x_train.min() and d.x_train.max() <= 1.0
+  assert set(np.unique(d.y_test)) == set(range(10))
+  # Balanced classes: 6,000 / 1,000 images each.
+  assert np.all(np.bincount(d.y_train) == 6000)
+  assert np.all(np.bincount(d.y_test) == 1000)
+
+
+def test_load_fashion_mnist_missing_says_how(monkeypatch, tmp_path):
+  monkeypatch.delenv(datasets.FMNIST_ENV_DIR, raising=False)
+  monkeypatch.delenv(datasets.DOWNLOAD_ENV, raising=False)
+  monkeypatch.setattr(datasets, "FMNIST_SYSTEM_DIR", str(tmp_path / "none"))
+  with pytest.raises(FileNotFoundError) as e:
+    datasets.load_fashion_mnist(str(tmp_path / "empty"))
+  msg = str(e.value)
+  assert "apt-get install dataset-fashion-mnist" in msg
+  assert datasets.FMNIST_ENV_DIR in msg and "download=True" in msg
+
+
+@needs_fmnist
+def test_download_verifies_content(monkeypatch, tmp_path):
+  """The download path, against a local 'mirror' (file:// URLs): a good mirror
+  passes the checksum; a corrupt file is rejected and not kept."""
+  src = datasets.find_fashion_mnist()[0]
+  monkeypatch.setattr(datasets, "FMNIST_URLS", ("file://" + src + "/",))
+  out = datasets.download_fashion_mnist(str(tmp_path / "good"))
+  for spec in datasets.FMNIST_FILES.values():
+    assert os.path.isfile(os.path.join(out, spec.name))
+  d = datasets.load_fashion_mnist(out)
+  assert d.x_test.shape == (10000, 28, 28)
+
+  import gzip  # pylint: disable=g-import-not-at-top
+  bad = tmp_path / "bad_mirror"
+  bad.mkdir()
+  spec = datasets.FMNIST_FILES["test_labels"]
+  with gzip.open(os.path.join(src, spec.name), "rb") as f:
+    raw = bytearray(f.read())
+  raw[100] = (raw[100] + 1) % 10   # one wrong label
+  with gzip.open(bad / spec.name, "wb") as f:
+    f.write(bytes(raw))
+  monkeypatch.setattr(datasets, "FMNIST_URLS", ("file://" + str(bad) + "/",))
+  monkeypatch.setattr(datasets, "FMNIST_FILES", {"test_labels": spec})
+  with pytest.raises(OSError, match="SHA-256"):
+    datasets.download_fashion_mnist(str(tmp_path / "rejected"))
+  assert not os.path.exists(tmp_path / "rejected" / spec.name)
+
+
+def test_load_digits_and_mnist1d():
+  d = datasets.load_digits()
+  assert d.x_train.shape[1:] == (8, 8) and len(d.x_train) + len(d.x_test) == 1797
+  assert d.x_train.max() <= 1.0
+  m = datasets.load_mnist1d(num_samples=500)
+  assert m.x_train.shape == (400, 40) and m.x_test.shape == (100, 40)
+  assert m.y_train.dtype == np.int32
+
+
+# ----------------------------------------------------------------------------
+# Quickstart script and notebook.
+
+
+def test_quickstart_main():
+  import quickstart  # pylint: disable=g-import-not-at-top
+  results = quickstart.main(epochs=2, lr=0.1, seed=0)
+  for name in ("sgd", "eva"):
+    h = results[name]
+    assert len(h["test_loss"]) == 2 and np.all(np.isfinite(h["test_loss"]))
+    assert h["test_accuracy"][-1] > 0.7   # 10 classes: chance is 0.1
+
+
+def test_notebook_executes(tmp_path):
+  nbformat = pytest.importorskip("nbformat")
+  nbclient = pytest.importorskip("nbclient")
+  nb = nbformat.read(NOTEBOOK, as_version=4)
+  # Committed without outputs.
+  for cell in nb.cells:
+    if cell.cell_type == "code":
+      assert not cell.outputs and cell.execution_count is None
+  params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+  assert len(params) == 1
+  params[0].source = "EPOCHS = 1\nLR = 0.1\nSEED = 0"
+  assert "colab.research.google.com" in nb.cells[0].source
+  client = nbclient.NotebookClient(
+      nb, timeout=240, kernel_name="python3",
+      resources={"metadata": {"path": str(tmp_path)}})
+  client.execute()
+  outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+  assert not [o for o in outputs if o.output_type == "error"]
+  assert any("image/png" in o.get("data", {}) for o in outputs)
+  text = "".join(o.get("text", "") for o in outputs)
+  assert "eva  test accuracy" in text and "sgd  test accuracy" in text
+
+
+# ----------------------------------------------------------------------------
+# Harness.
+
+
+def _digits_task():
+  import quickstart  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  def loss_and_metrics(logits, x, y):
+    del x
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
+
+  d = datasets.load_digits()
+  return harness.Task(name="digits", model=quickstart.MLP(hidden=32),
+                      loss_and_metrics=loss_and_metrics, x_train=d.x_train,
+                      y_train=d.y_train, x_test=d.x_test, y_test=d.y_test,
+                      batch_size=64, eval_batch_size=256)
+
+
+def test_harness_writes_json_and_png(tmp_path):
+  task = _digits_task()
+  p = argparse.ArgumentParser()
+  harness.add_common_args(p, "digits", {n: 0.1 for n in harness.OPTIMIZERS})
+  args = p.parse_args([
+      "--optimizers", "sgd,eva", "--epochs", "1", "--train-subset", "640",
+      "--out", str(tmp_path), "--no-progress", "--sweep", "--sweep-epochs",
+      "1", "--sweep-subset", "256", "--sweep-validation", "256"])
+  record = harness.run_comparison(task, args, title="digits", options={})
+  with open(tmp_path / "digits.json") as f:
+    saved = json.load(f)
+  assert os.path.getsize(tmp_path / "digits.png") > 1000
+  for key in ("runs", "versions", "device", "config", "learning_rates",
+              "sweep", "table"):
+    assert key in saved, key
+  assert set(saved["versions"]) >= {"jax", "flax", "optax", "eva_optax"}
+  assert set(saved["sweep"]["optimizers"]) == {"sgd", "eva"}
+  for name in ("sgd", "eva"):
+    run = saved["runs"][name]
+    s = saved["sweep"]["optimizers"][name]
+    assert len(s["results"]) >= 3 and s["chosen"] == saved["learning_rates"][name]
+    for key in ("epochs", "wall_time_s", "median_step_s", "state_bytes",
+                "hyperparameters", "cosine_mean", "compile_time_s"):
+      assert key in run, (name, key)
+    (epoch,) = run["epochs"]
+    for key in ("train_loss", "test_loss", "test_accuracy", "train_time_s"):
+      assert np.isfinite(epoch[key]), (name, key)
+    assert run["steps_per_epoch"] == 10 and run["state_bytes"] > 0
+  assert run["cosine_of"].startswith("preconditioned")
+  assert -1.0 <= saved["runs"]["eva"]["cosine_mean"] <= 1.0001
+  assert abs(saved["runs"]["sgd"]["cosine_mean"] - 1.0) < 1e-4
+  assert "| Eva |" in record["table"] and "| SGD |" in record["table"]
+
+
+@needs_fmnist
+def test_autoencoder_script_smoke(tmp_path):
+  import autoencoder  # pylint: disable=g-import-not-at-top
+  record = autoencoder.main([
+      "--optimizers", "sgd,eva", "--epochs", "1", "--train-subset", "2000",
+      "--out", str(tmp_path), "--no-progress"])
+  assert (tmp_path / "autoencoder.json").exists()
+  assert (tmp_path / "autoencoder.png").exists()
+  for run in record["runs"].values():
+    assert run["steps_per_epoch"] == 2
+    assert 0.0 < run["epochs"][-1]["test_loss"] < 0.5

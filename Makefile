@@ -2,6 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
+# One OpenBLAS thread: on a shared CPU its threads make LAPACK (eigh) far slower.
+export OPENBLAS_NUM_THREADS ?= 1
 
 .PHONY: install data test demo bench clean
 

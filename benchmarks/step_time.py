@@ -696,10 +696,13 @@ def parse_args(argv=None):
   ap.add_argument("--no-breakdown", dest="breakdown", action="store_false",
                   help="skip the SGD-vs-Eva piece-by-piece timing")
   ap.add_argument("--out", default="results/step_time.json", help="JSON output path")
-  ap.add_argument("--hang-timeout", type=float, default=600.0,
+  ap.add_argument("--hang-timeout", type=float, default=None,
                   help="abort (exit status 3) if one call runs longer than this "
-                  "many seconds (compilation included); 0 disables")
+                  "many seconds, compilation included (default 600, 120 with "
+                  "--quick); 0 disables")
   args = ap.parse_args(argv)
+  if args.hang_timeout is None:
+    args.hang_timeout = 120.0 if args.quick else 600.0
   WATCHDOG.timeout = args.hang_timeout
   if args.quick:
     args.rounds, args.steps = 1, 2

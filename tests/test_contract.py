@@ -231,3 +231,11 @@ def test_converges_on_tiny_regression(spec):
     params, state, _ = step(params, state, x, y)
   last = float(loss_fn(params, x, y))
   assert last < 0.05 * first, (first, last)  # measured 0.003 to 0.014
+
+
+@pytest.mark.parametrize("name", ["eva", "eva_f", "kfac", "foof", "eva_s", "shampoo"])
+def test_fresh_state_can_be_donated(name):
+  params = {"Dense_0": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros((2,))}}
+  state = getattr(eva_optax, f"scale_by_{name}")().init(params)
+  ids = [leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(state)]
+  assert len(ids) == len(set(ids)), "state leaves share buffers"

@@ -129,9 +129,11 @@ def scale_by_eva_s(
       if not _is_preconditioned(p):
         return ()
       return tuple(jnp.zeros((d,), jnp.float32) for d in p.shape)
-    zero = jnp.zeros([], jnp.int32)
+    # Three distinct buffers, so a fresh state can be donated to jax.jit.
+    count, stats_count, nonfinite_count = (jnp.zeros([], jnp.int32) for _ in range(3))
     return ScaleByEvaSState(
-        count=zero, stats_count=zero, nonfinite_count=zero,
+        count=count, stats_count=stats_count,
+        nonfinite_count=nonfinite_count,
         vectors=jax.tree.map(init_leaf, params))
 
   def update_fn(updates, state, params=None, **extra_args):

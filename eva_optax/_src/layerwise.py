@@ -164,9 +164,10 @@ def layerwise_preconditioner(
             for k in method.stat_keys}
       st.update(method.init_extra(d_a, d_out))
       layers[tree_utils.path_str(path)] = st
-    zero = jnp.zeros([], jnp.int32)
-    return LayerwiseState(count=zero, stats_count=zero, nonfinite_count=zero,
-                          layers=layers)
+    # Three distinct buffers, so a fresh state can be donated to jax.jit.
+    count, stats_count, nonfinite_count = (jnp.zeros([], jnp.int32) for _ in range(3))
+    return LayerwiseState(count=count, stats_count=stats_count,
+                          nonfinite_count=nonfinite_count, layers=layers)
 
   def update_fn(updates, state, params=None, *, stats=None, **extra_args):
     del params, extra_args

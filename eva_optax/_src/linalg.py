@@ -69,7 +69,14 @@ def damped_inverse(m: Array, damping: Array) -> Array:
 def symmetric_eig(m: Array, floor: float = 1e-10) -> tuple[Array, Array]:
   """Eigenvalues (ascending, those below ``floor`` set to 0) and eigenvectors."""
   m = 0.5 * (m + jnp.swapaxes(m, -1, -2))
-  d, q = jnp.linalg.eigh(m)
+  if m.ndim > 2:
+    # One unbatched eigh at a time: jaxlib's batched CPU eigh can deadlock when
+    # several run at once on few cores (both workers wait in ParallelBatchMap).
+    flat = m.reshape((-1,) + m.shape[-2:])
+    d, q = jax.lax.map(jnp.linalg.eigh, flat)
+    d, q = d.reshape(m.shape[:-1]), q.reshape(m.shape)
+  else:
+    d, q = jnp.linalg.eigh(m)
   return jnp.where(d > floor, d, 0.0), q
 
 

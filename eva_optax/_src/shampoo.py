@@ -189,9 +189,11 @@ def scale_by_shampoo(
       zeros = lambda d: jnp.zeros((lay.num_blocks, d, d), jnp.float32)
       return {"L": zeros(lay.br), "R": zeros(lay.bc),
               "L_root": eye(lay.br), "R_root": eye(lay.bc)}
-    zero = jnp.zeros([], jnp.int32)
+    # Three distinct buffers, so a fresh state can be donated to jax.jit.
+    count, stats_count, nonfinite_count = (jnp.zeros([], jnp.int32) for _ in range(3))
     return ScaleByShampooState(
-        count=zero, stats_count=zero, nonfinite_count=zero,
+        count=count, stats_count=stats_count,
+        nonfinite_count=nonfinite_count,
         blocks=jax.tree.map(init_leaf, params))
 
   def refresh(blocks):

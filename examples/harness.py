@@ -442,7 +442,8 @@ def plot(path: str, runs: dict[str, dict[str, Any]], title: str,
     if log_scale:
       ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
-  axes[1].legend(fontsize=8)
+  if any(ax.get_lines() for ax in axes):
+    axes[1].legend(fontsize=8)
   fig.suptitle(title)
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -526,6 +527,9 @@ def add_common_args(parser, name: str, default_lrs: dict[str, float]):
                       help="learning-rate schedule (default: linear decay to "
                       "0 over the run, as the authors)")
   parser.add_argument("--no-progress", action="store_true")
+  parser.add_argument("--append", action="store_true",
+                      help="add these runs to the JSON already in --out "
+                      "(replacing runs of the same optimizers) and redraw")
   for opt in OPTIMIZERS:
     parser.add_argument(f"--lr-{opt.replace('_', '-')}", type=float,
                         dest=f"lr_{opt}", default=default_lrs[opt],
@@ -544,6 +548,33 @@ def parse_optimizers(text: str) -> list[str]:
   if bad:
     raise SystemExit(f"unknown optimizer(s) {bad}; choose from {OPTIMIZERS}")
   return names
+
+
+def _merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+  """``new``'s runs added to (or replacing) those of the ``old`` record.
+
+  The earlier record's configuration is kept under ``config`` and the new
+  one is listed in ``appended``; each run keeps its own hyperparameters,
+  ``finished_at`` and load averages, and the sweep results are merged per
+  optimizer.
+  """
+  runs = {**old.get("runs", {}), **new["runs"]}
+  runs = {n: runs[n] for n in OPTIMIZERS if n in runs}
+  merged = dict(old)
+  merged["runs"] = runs
+  for key in ("learning_rates", "options"):
+    merged[key] = {n: {**old.get(key, {}), **new[key]}[n] for n in runs}
+  if new.get("sweep"):
+    sweep = old.get("sweep") or {k: v for k, v in new["sweep"].items()
+                                 if k != "optimizers"}
+    sweep = dict(sweep)
+    sweep["optimizers"] = {**sweep.get("optimizers", {}),
+                           **new["sweep"]["optimizers"]}
+    merged["sweep"] = sweep
+  merged["appended"] = old.get("appended", []) + [
+      {"optimizers": list(new["runs"]), "config": new["config"],
+       "versions": new["versions"], "device": new["device"]}]
+  return merged
 
 
 def run_comparison(task: Task, args, *, title: str,
@@ -573,22 +604,41 @@ def run_comparison(task: Task, args, *, title: str,
       vals = ", ".join(f"{r['learning_rate']:g}: {r['val_loss']:.5g}"
                        for r in s["results"])
       print(f"  {LABELS[n]:8s} {vals}  -> {s['chosen']:g}")
+  stem = file_stem or task.name
+  json_file = os.path.join(args.out, f"{stem}.json")
+  png_file = os.path.join(args.out, f"{stem}.png")
+  previous = None
+  if getattr(args, "append", False) and os.path.exists(json_file):
+    with open(json_file) as f:
+      previous = json.load(f)
+
+  def save(runs):
+    record = {"task": task.name, "title": title, "notes": notes or {},
+              "config": {k: v for k, v in vars(args).items()},
+              "learning_rates": {n: lrs[n] for n in runs},
+              "options": {n: options.get(n, {}) for n in runs},
+              "sweep": sweep, **environment(), "runs": runs}
+    if previous is not None:
+      record = _merge(previous, record)
+    record["table"] = markdown_table(record["runs"])
+    write_json(json_file, record)
+    plot(png_file, record["runs"], title, log_scale=task.log_scale)
+    return record
+
+  # The JSON and the PNG are rewritten after every run, so that an
+  # interrupted comparison keeps what it has finished.
   runs = {}
+  if sweep is not None:
+    save(runs)
   for n in names:
     runs[n] = train(task, n, lrs[n], args.epochs, args.seed,
                     schedule=args.schedule, options=options.get(n),
                     progress=not args.no_progress)
-  stem = file_stem or task.name
-  record = {"task": task.name, "title": title, "notes": notes or {},
-            "config": {k: v for k, v in vars(args).items()},
-            "learning_rates": {n: lrs[n] for n in names},
-            "options": {n: options.get(n, {}) for n in names},
-            "sweep": sweep, **environment(), "runs": runs}
-  table = markdown_table(runs)
-  record["table"] = table
-  json_path = write_json(os.path.join(args.out, f"{stem}.json"), record)
-  png_path = plot(os.path.join(args.out, f"{stem}.png"), runs, title,
-                  log_scale=task.log_scale)
+    runs[n]["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    record = save(runs)
+  if not runs:
+    record = save(runs)
+  table, json_path, png_path = record["table"], json_file, png_file
   print()
   print(table)
   print()

@@ -179,6 +179,18 @@ def test_harness_writes_json_and_png(tmp_path):
   assert abs(saved["runs"]["sgd"]["cosine_mean"] - 1.0) < 1e-4
   assert "| Eva |" in record["table"] and "| SGD |" in record["table"]
 
+  # --append adds a run to the same record and redraws.
+  args = p.parse_args([
+      "--optimizers", "eva_f", "--epochs", "1", "--train-subset", "640",
+      "--out", str(tmp_path), "--no-progress", "--append"])
+  record = harness.run_comparison(task, args, title="digits", options={})
+  with open(tmp_path / "digits.json") as f:
+    saved = json.load(f)
+  assert list(saved["runs"]) == ["sgd", "eva", "eva_f"]
+  assert set(saved["learning_rates"]) == {"sgd", "eva", "eva_f"}
+  assert saved["appended"][0]["optimizers"] == ["eva_f"]
+  assert "| Eva-f |" in record["table"]
+
 
 @needs_fmnist
 def test_autoencoder_script_smoke(tmp_path):

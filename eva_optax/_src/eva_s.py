@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from eva_optax._src import counters
 from eva_optax._src import linalg
 from eva_optax._src import tree_utils
 from eva_optax._src import validation
@@ -129,11 +130,8 @@ def scale_by_eva_s(
       if not _is_preconditioned(p):
         return ()
       return tuple(jnp.zeros((d,), jnp.float32) for d in p.shape)
-    # Three distinct buffers, so a fresh state can be donated to jax.jit.
-    count, stats_count, nonfinite_count = (jnp.zeros([], jnp.int32) for _ in range(3))
     return ScaleByEvaSState(
-        count=count, stats_count=stats_count,
-        nonfinite_count=nonfinite_count,
+        **counters.zero_counters(),
         vectors=jax.tree.map(init_leaf, params))
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -170,10 +168,7 @@ def scale_by_eva_s(
         out.append((p * scale).astype(g.dtype))
 
     new_state = ScaleByEvaSState(
-        count=optax.safe_increment(count),
-        stats_count=state.stats_count + accept.astype(jnp.int32),
-        nonfinite_count=state.nonfinite_count
-        + jnp.logical_and(due, jnp.logical_not(finite)).astype(jnp.int32),
+        **counters.advance_counters(state, due, finite),
         vectors=jax.tree.unflatten(treedef, vectors))
     return jax.tree.unflatten(treedef, out), new_state
 

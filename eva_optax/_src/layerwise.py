@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from eva_optax._src import counters
 from eva_optax._src import kl
 from eva_optax._src import tree_utils
 from eva_optax._src import validation
@@ -164,10 +165,7 @@ def layerwise_preconditioner(
             for k in method.stat_keys}
       st.update(method.init_extra(d_a, d_out))
       layers[tree_utils.path_str(path)] = st
-    # Three distinct buffers, so a fresh state can be donated to jax.jit.
-    count, stats_count, nonfinite_count = (jnp.zeros([], jnp.int32) for _ in range(3))
-    return LayerwiseState(count=count, stats_count=stats_count,
-                          nonfinite_count=nonfinite_count, layers=layers)
+    return LayerwiseState(**counters.zero_counters(), layers=layers)
 
   def update_fn(updates, state, params=None, *, stats=None, **extra_args):
     del params, extra_args
@@ -233,10 +231,7 @@ def layerwise_preconditioner(
 
     new_updates = jax.tree_util.tree_map_with_path(write, updates)
     new_state = LayerwiseState(
-        count=optax.safe_increment(count),
-        stats_count=state.stats_count + accept.astype(jnp.int32),
-        nonfinite_count=state.nonfinite_count
-        + jnp.logical_and(due, jnp.logical_not(finite)).astype(jnp.int32),
+        **counters.advance_counters(state, due, finite),
         layers=layer_states)
     return new_updates, new_state
 

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from eva_optax._src import counters
 from eva_optax._src import linalg
 from eva_optax._src import tree_utils
 from eva_optax._src import validation
@@ -189,11 +190,8 @@ def scale_by_shampoo(
       zeros = lambda d: jnp.zeros((lay.num_blocks, d, d), jnp.float32)
       return {"L": zeros(lay.br), "R": zeros(lay.bc),
               "L_root": eye(lay.br), "R_root": eye(lay.bc)}
-    # Three distinct buffers, so a fresh state can be donated to jax.jit.
-    count, stats_count, nonfinite_count = (jnp.zeros([], jnp.int32) for _ in range(3))
     return ScaleByShampooState(
-        count=count, stats_count=stats_count,
-        nonfinite_count=nonfinite_count,
+        **counters.zero_counters(),
         blocks=jax.tree.map(init_leaf, params))
 
   def refresh(blocks):
@@ -252,10 +250,7 @@ def scale_by_shampoo(
         out.append(p.reshape(g.shape).astype(g.dtype))
 
     new_state = ScaleByShampooState(
-        count=optax.safe_increment(count),
-        stats_count=state.stats_count + accept.astype(jnp.int32),
-        nonfinite_count=state.nonfinite_count
-        + jnp.logical_and(due, jnp.logical_not(finite)).astype(jnp.int32),
+        **counters.advance_counters(state, due, finite),
         blocks=jax.tree.unflatten(treedef, blocks))
     return jax.tree.unflatten(treedef, out), new_state
 

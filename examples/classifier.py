@@ -94,6 +94,7 @@ def main(argv=None):
   task = make_task(args.data_dir, args.download, args.batch_size)
   return harness.run_comparison(
       task, args, options=OPTIONS,
+      sweep_centers=START_LRS,
       title=f"Fashion-MNIST CNN, batch {args.batch_size}",
       notes={"model": "Conv16-pool-Conv32-pool-Dense128-Dense10, ReLU",
              "loss": "softmax cross-entropy, mean over batch",

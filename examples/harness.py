@@ -10,7 +10,10 @@ for the gradient-only ones), trains with one jitted step
 * per epoch: train loss (the mean of the step losses of the epoch), test loss,
   accuracies where the task has labels, cumulative training time;
 * wall time (training only: evaluation and compilation excluded), compile
-  time, median step time;
+  time, median step time, and, after every epoch, the median time of a few
+  SGD steps of the same model timed alongside (:func:`make_reference`): on a
+  shared machine the load changes from run to run, and the ratio to this
+  reference (``step_ratio_vs_sgd``) and the load-adjusted times cancel it;
 * optimizer-state bytes (the sum of ``nbytes`` over the ``opt_state`` leaves);
 * the mean cosine between the *preconditioned gradient* and the raw gradient,
   over all parameters flattened together. The preconditioned gradient
@@ -204,7 +207,8 @@ def tree_bytes(tree) -> int:
 def train(task: Task, name: str, learning_rate: float, epochs: int, seed: int,
           *, momentum: float = 0.9, schedule: str = "constant",
           options: dict[str, Any] | None = None, eval_sets=None,
-          progress: bool = True, desc: str | None = None) -> dict[str, Any]:
+          progress: bool = True, desc: str | None = None,
+          reference: Callable[[], float] | None = None) -> dict[str, Any]:
   """Trains ``task`` with optimizer ``name`` and returns the run's record.
 
   Args:
@@ -221,6 +225,9 @@ def train(task: Task, name: str, learning_rate: float, epochs: int, seed: int,
       the task's test set.
     progress: show a tqdm bar.
     desc: the bar's label.
+    reference: from :func:`make_reference`; called after every epoch to time
+      a few SGD steps alongside, so that times taken under different machine
+      loads can be compared (``ref_step_s``, ``step_ratio_vs_sgd``).
   """
   options = dict(options or {})
   eval_sets = eval_sets or {"test": (task.x_test, task.y_test)}
@@ -297,6 +304,8 @@ def train(task: Task, name: str, learning_rate: float, epochs: int, seed: int,
              "cosine": float(np.mean(coss)) if coss else None}
     for k, v in metric_sums.items():
       entry[f"train_{k}"] = v / len(losses)
+    if reference is not None:
+      entry["ref_step_s"] = reference()
     if diverged:
       entry["diverged"] = True
       epochs_log.append(entry)
@@ -310,6 +319,11 @@ def train(task: Task, name: str, learning_rate: float, epochs: int, seed: int,
   bar.close()
   all_cos = [e["cosine"] for e in epochs_log if e["cosine"] is not None
              and math.isfinite(e["cosine"])]
+  refs = [e["ref_step_s"] for e in epochs_log if "ref_step_s" in e]
+  if refs and step_times:
+    record["ref_step_s"] = statistics.median(refs)
+    record["step_ratio_vs_sgd"] = (statistics.median(step_times) /
+                                   record["ref_step_s"])
   record.update({
       "epochs": epochs_log, "diverged": diverged, "wall_time_s": train_time,
       # The first step after compilation can be slower (allocation): median.
@@ -319,6 +333,51 @@ def train(task: Task, name: str, learning_rate: float, epochs: int, seed: int,
       "loadavg_end": os.getloadavg()[0],
   })
   return record
+
+
+def make_reference(task: Task, seed: int = 0, steps: int = 5):
+  """A timer of ``steps`` SGD-with-momentum steps of ``task``'s model.
+
+  Returns ``measure() -> median seconds per step``. The reference trains with
+  learning rate 0 on one fixed batch (its parameters never change), through
+  the same jitted step as every run, so its time tracks the machine's load.
+  """
+  tx = optax.sgd(0.0, momentum=0.9)
+  params = task.model.init(jax.random.PRNGKey(seed), task.x_train[:1])["params"]
+  state = {"params": params, "opt": jax.tree.map(jnp.copy, tx.init(params))}
+  x, y = task.x_train[:task.batch_size], task.y_train[:task.batch_size]
+  step = make_train_step(task, tx, None, 0.9).lower(
+      state["params"], state["opt"], x, y).compile()
+
+  def measure() -> float:
+    times = []
+    for _ in range(steps):
+      t = time.perf_counter()
+      state["params"], state["opt"], loss, _, _ = step(state["params"],
+                                                       state["opt"], x, y)
+      float(loss)
+      times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+  measure()  # warm-up
+  return measure
+
+
+def adjusted_times(rec: dict[str, Any], ref: float | None) -> list[float]:
+  """Cumulative training time per epoch, rescaled epoch by epoch to a common
+  SGD reference step time ``ref`` (``epoch_time * ref / ref_step_s``): the
+  time the run would have taken at the machine load of the reference."""
+  out, total = [], 0.0
+  for e in rec["epochs"]:
+    scale = ref / e["ref_step_s"] if ref and e.get("ref_step_s") else 1.0
+    total += e["epoch_time_s"] * scale
+    out.append(total)
+  return out
+
+
+def common_reference(runs: dict[str, dict[str, Any]]) -> float | None:
+  refs = [r["ref_step_s"] for r in runs.values() if r.get("ref_step_s")]
+  return statistics.median(refs) if refs else None
 
 
 def sweep_grid(center: float, factors: Sequence[float] = (1 / 3, 1.0, 3.0)):
@@ -426,17 +485,20 @@ def plot(path: str, runs: dict[str, dict[str, Any]], title: str,
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+  ref = common_reference(runs)
   for name, rec in runs.items():
-    ep = [e for e in rec["epochs"] if "test_loss" in e]
+    times = adjusted_times(rec, ref)
+    ep = [(e, t) for e, t in zip(rec["epochs"], times) if "test_loss" in e]
     if not ep:
       continue
     style = "-" if name in ("eva", "eva_f", "eva_s") else "--"
     kw = dict(label=rec["label"], linestyle=style, marker="o", markersize=3)
-    axes[0].plot([e["epoch"] for e in ep], [e["test_loss"] for e in ep], **kw)
-    axes[1].plot([e["train_time_s"] for e in ep], [e["test_loss"] for e in ep],
+    axes[0].plot([e["epoch"] for e, _ in ep], [e["test_loss"] for e, _ in ep],
                  **kw)
+    axes[1].plot([t for _, t in ep], [e["test_loss"] for e, _ in ep], **kw)
   axes[0].set_xlabel("epoch")
-  axes[1].set_xlabel("training wall-clock time (s)")
+  axes[1].set_xlabel("training wall-clock time (s)" + (
+      ", load-adjusted" if ref else ""))
   for ax in axes:
     ax.set_ylabel("test loss")
     if log_scale:
@@ -452,29 +514,36 @@ def plot(path: str, runs: dict[str, dict[str, Any]], title: str,
   return path
 
 
-def time_to_reach(rec: dict[str, Any], target: float) -> float | None:
-  """Training time at the end of the first epoch whose test loss <= target."""
-  for e in rec["epochs"]:
+def time_to_reach(rec: dict[str, Any], target: float,
+                  times: Sequence[float] | None = None) -> float | None:
+  """Training time at the end of the first epoch whose test loss <= target
+  (``times``: per-epoch cumulative times to use instead of the raw ones)."""
+  if times is None:
+    times = [e["train_time_s"] for e in rec["epochs"]]
+  for e, t in zip(rec["epochs"], times):
     if e.get("test_loss", math.inf) <= target:
-      return e["train_time_s"]
+      return t
   return None
 
 
 def markdown_table(runs: dict[str, dict[str, Any]],
                    reference: str = "sgd") -> str:
-  """Optimizer, final test loss (and accuracy), time per epoch, time to reach
-  the reference's final test loss, state size, mean cosine."""
+  """Optimizer, final test loss (and accuracy), time per epoch, step time
+  against SGD's measured alongside, time to reach the reference's final test
+  loss (raw and load-adjusted), state size, mean cosine."""
   has_acc = any("test_accuracy" in e for r in runs.values()
                 for e in r["epochs"])
   ref = runs.get(reference)
   target = None
   if ref and ref["epochs"] and "test_loss" in ref["epochs"][-1]:
     target = ref["epochs"][-1]["test_loss"]
+  ref_step = common_reference(runs)
   ref_label = LABELS.get(reference, reference)
   head = ["optimizer", "final test loss"]
   if has_acc:
     head.append("test acc.")
-  head += ["time/epoch (s)", f"time to {ref_label}'s final loss (s)",
+  head += ["time/epoch (s)", "step / SGD step",
+           f"time to {ref_label}'s final loss (s)", "same, load-adjusted (s)",
            "state (MB)", "cosine"]
   lines = ["| " + " | ".join(head) + " |",
            "|" + "|".join("---" for _ in head) + "|"]
@@ -487,10 +556,13 @@ def markdown_table(runs: dict[str, dict[str, Any]],
       acc = last.get("test_accuracy")
       row.append(f"{100 * acc:.2f}%" if acc is not None else "-")
     row.append(f"{rec['time_per_epoch_s']:.1f}")
-    if target is None:
-      row.append("-")
-    else:
-      t = time_to_reach(rec, target)
+    ratio = rec.get("step_ratio_vs_sgd")
+    row.append(f"{ratio:.2f}" if ratio else "-")
+    for times in (None, adjusted_times(rec, ref_step) if ref_step else False):
+      if target is None or times is False:
+        row.append("-")
+        continue
+      t = time_to_reach(rec, target, times)
       row.append("not reached" if t is None else f"{t:.1f}")
     row.append(f"{rec['state_bytes'] / 2**20:.2f}")
     cos = rec.get("cosine_mean")
@@ -499,10 +571,14 @@ def markdown_table(runs: dict[str, dict[str, Any]],
                                else "*"))
     lines.append("| " + " | ".join(row) + " |")
   lines.append("")
-  lines.append("cosine: mean over steps of cos(P(g), g) over all parameters "
-               "(P(g) read off the momentum buffer, before momentum and lr); "
-               "* = cos(update, g) for optimizers without a momentum trace "
-               "(Adam). Times exclude compilation and evaluation.")
+  lines.append(
+      "Times exclude compilation and evaluation. step / SGD step: the run's "
+      "median step time over the median time of SGD steps timed alongside it "
+      "(after every epoch), which cancels the load of a shared machine; "
+      "load-adjusted: each epoch's time rescaled to the common SGD reference "
+      "step. cosine: mean over steps of cos(P(g), g) over all parameters "
+      "(P(g) read off the momentum buffer: before momentum and lr); * = "
+      "cos(update, g) for optimizers without a momentum trace (Adam).")
   return "\n".join(lines)
 
 
@@ -580,8 +656,16 @@ def _merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 def run_comparison(task: Task, args, *, title: str,
                    options: dict[str, dict[str, Any]],
                    notes: dict[str, Any] | None = None,
-                   file_stem: str | None = None) -> dict[str, Any]:
-  """Sweep (optional), train every optimizer, write JSON and PNG, print table."""
+                   file_stem: str | None = None,
+                   sweep_centers: dict[str, float] | None = None
+                   ) -> dict[str, Any]:
+  """Sweep (optional), train every optimizer, write JSON and PNG, print table.
+
+  ``args`` are the flags of :func:`add_common_args`. The learning rates are
+  the ``--lr-*`` flags, or with ``--sweep`` the values the sweep chooses
+  around ``sweep_centers`` (default: the ``--lr-*`` flags). The JSON and PNG
+  are rewritten after every run.
+  """
   names = parse_optimizers(args.optimizers)
   missing = [n for n in names if not available(n)]
   if missing:
@@ -592,7 +676,8 @@ def run_comparison(task: Task, args, *, title: str,
   task = task.subset(args.train_subset)
   sweep = None
   if args.sweep:
-    sweep = lr_sweep(full_task, names, lrs, epochs=args.sweep_epochs,
+    centers = {**lrs, **(sweep_centers or {})}
+    sweep = lr_sweep(full_task, names, centers, epochs=args.sweep_epochs,
                      subset=args.sweep_subset,
                      validation=args.sweep_validation, seed=args.seed,
                      schedule=args.schedule, options=options,
@@ -630,10 +715,11 @@ def run_comparison(task: Task, args, *, title: str,
   runs = {}
   if sweep is not None:
     save(runs)
+  reference = make_reference(task, args.seed)
   for n in names:
     runs[n] = train(task, n, lrs[n], args.epochs, args.seed,
                     schedule=args.schedule, options=options.get(n),
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, reference=reference)
     runs[n]["finished_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
     record = save(runs)
   if not runs:

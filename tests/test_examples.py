@@ -174,6 +174,7 @@ def test_harness_writes_json_and_png(tmp_path):
     for key in ("train_loss", "test_loss", "test_accuracy", "train_time_s"):
       assert np.isfinite(epoch[key]), (name, key)
     assert run["steps_per_epoch"] == 10 and run["state_bytes"] > 0
+    assert epoch["ref_step_s"] > 0 and run["step_ratio_vs_sgd"] > 0
   assert run["cosine_of"].startswith("preconditioned")
   assert -1.0 <= saved["runs"]["eva"]["cosine_mean"] <= 1.0001
   assert abs(saved["runs"]["sgd"]["cosine_mean"] - 1.0) < 1e-4
@@ -190,6 +191,25 @@ def test_harness_writes_json_and_png(tmp_path):
   assert set(saved["learning_rates"]) == {"sgd", "eva", "eva_f"}
   assert saved["appended"][0]["optimizers"] == ["eva_f"]
   assert "| Eva-f |" in record["table"]
+
+
+def test_load_adjusted_times_by_hand():
+  # Epoch 1 ran at a reference SGD step of 2 s, epoch 2 at 4 s (twice the
+  # load); against a common reference of 2 s, epoch 2's 10 s count as 5 s.
+  rec = {"epochs": [
+      {"epoch": 1, "epoch_time_s": 6.0, "train_time_s": 6.0, "ref_step_s": 2.0,
+       "test_loss": 0.5},
+      {"epoch": 2, "epoch_time_s": 10.0, "train_time_s": 16.0,
+       "ref_step_s": 4.0, "test_loss": 0.3}]}
+  other = {"ref_step_s": 2.0, "epochs": []}
+  assert harness.common_reference({"a": {**rec, "ref_step_s": 3.0},
+                                   "b": other, "c": other}) == 2.0
+  times = harness.adjusted_times(rec, 2.0)
+  assert times == [6.0, 11.0]
+  assert harness.time_to_reach(rec, 0.3) == 16.0
+  assert harness.time_to_reach(rec, 0.3, times) == 11.0
+  assert harness.time_to_reach(rec, 0.2, times) is None
+  assert harness.adjusted_times(rec, None) == [6.0, 16.0]
 
 
 @needs_fmnist

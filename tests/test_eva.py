@@ -404,3 +404,73 @@ def test_eva_beats_sgd_on_digits():
   assert np.isfinite(eva_loss)
   # Measured: Eva ~0.07, SGD ~0.14 (full training set cross-entropy after 200 steps).
   assert eva_loss < 0.75 * sgd_loss, (eva_loss, sgd_loss)
+
+
+# ----------------------------------------------------------------------------
+# The closed forms take G_hat = [kernel; bias] in two pieces and return
+# <U, G_hat> in closed form: both against a dense float64 solve.
+
+
+@pytest.mark.parametrize("damping", [0.03, 1e-4])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_split_closed_forms_and_inner_products(with_bias, damping):
+  from eva_optax._src import linalg  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  d_in, d_out = 7, 5
+  kernel = rng.normal(size=(d_in, d_out)).astype(np.float32)
+  bias = rng.normal(size=(d_out,)).astype(np.float32) if with_bias else None
+  a = rng.normal(size=(d_in + with_bias,)).astype(np.float32) * 0.3
+  g = rng.normal(size=(d_out,)).astype(np.float32) * 0.3
+  gm = kernel if bias is None else np.concatenate([kernel, bias[None]])
+  for got, ref in (
+      (linalg.eva_solve(jnp.asarray(kernel), None if bias is None else
+                        jnp.asarray(bias), jnp.asarray(a), jnp.asarray(g),
+                        damping),
+       eva_dense_solve(gm, a, g, damping)),
+      (linalg.eva_f_solve(jnp.asarray(kernel), None if bias is None else
+                          jnp.asarray(bias), jnp.asarray(a), damping),
+       eva_f_dense_solve(gm, a, damping))):
+    u_kernel, u_bias, inner = got
+    assert rel_err(u_kernel, ref[:d_in]) < 1e-4
+    if with_bias:
+      assert rel_err(u_bias, ref[d_in]) < 1e-4
+    else:
+      assert u_bias is None
+    # The curvature acts here: U is not G_hat / damping.
+    assert rel_err(ref, to64(gm) / damping) > 1e-2
+    assert abs(float(inner) - np.vdot(ref, to64(gm))) < 1e-4 * np.vdot(ref, to64(gm))
+
+
+class _BiasFree(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.tanh(nn.Dense(6, use_bias=False)(x))
+    return nn.Dense(3)(x)
+
+
+@pytest.mark.parametrize("factory,dense", [
+    (eva_optax.scale_by_eva, lambda gm, st, d: eva_dense_solve(gm, st.a, st.g, d)),
+    (eva_optax.scale_by_eva_f, lambda gm, st, d: eva_f_dense_solve(gm, st.a, d)),
+])
+def test_bias_free_layer_matches_dense_solve_with_kl_normalization(factory, dense):
+  x, y = regression_batch(16, 4, 3)
+  model = _BiasFree()
+  params = model.init(jax.random.PRNGKey(1), x)["params"]
+  _, grads, stats = eva_optax.value_and_grad(mse_loss(model))(params, x, y)
+  damping = 1e-5
+  assert stats["Dense_0"].a.shape == (4,)   # no bias entry
+  update = _one_update(factory(damping, kl_normalize=True), grads, params, stats)
+  view = lambda node: (layer_view(node) if "bias" in node
+                       else to64(node["kernel"]))
+  us, gs = {}, {}
+  for layer in ("Dense_0", "Dense_1"):
+    gs[layer] = view(grads[layer])
+    us[layer] = dense(gs[layer], stats[layer], damping)
+  s = sum(np.vdot(us[l], gs[l]) for l in us)
+  for layer in us:
+    ref = np.sqrt(damping / s) * us[layer]
+    assert rel_err(view(update[layer]), ref) < 1e-3, layer
+  # The curvature acts at this damping: not the normalized gradient.
+  g_norm = np.sqrt(sum(np.vdot(g, g) for g in gs.values()))
+  assert rel_err(view(update["Dense_0"]), gs["Dense_0"] / g_norm) > 1e-2
+  assert "bias" not in update["Dense_0"]

@@ -25,11 +25,11 @@ from eva_optax._src import linalg
 
 EVA = layerwise.Method(
     name="eva", statistics="vectors", stat_keys=("a", "g"),
-    solve=lambda s, gm, gamma: linalg.eva_solve(gm, s["a"], s["g"], gamma))
+    solve=lambda s, k, b, gamma: linalg.eva_solve(k, b, s["a"], s["g"], gamma))
 
 EVA_F = layerwise.Method(
     name="eva_f", statistics="vectors", stat_keys=("a",),
-    solve=lambda s, gm, gamma: linalg.eva_f_solve(gm, s["a"], gamma))
+    solve=lambda s, k, b, gamma: linalg.eva_f_solve(k, b, s["a"], gamma))
 
 
 def scale_by_eva(

@@ -50,7 +50,8 @@ def _solve(top_k):
 
 def _method(top_k):
   return layerwise.Method(
-      name="foof", statistics="factors", stat_keys=("A",), solve=_solve(top_k),
+      name="foof", statistics="factors", stat_keys=("A",),
+      solve=layerwise.on_stacked_view(_solve(top_k)),
       init_extra=lambda d_a, d_out: {
           "Q": jnp.zeros((d_a, d_a), jnp.float32),
           "d": jnp.zeros((d_a,), jnp.float32)},

@@ -50,7 +50,8 @@ def _refresh(s, gamma):
 
 KFAC = layerwise.Method(
     name="kfac", statistics="factors", stat_keys=("A", "G"),
-    solve=lambda s, gm, gamma: s["A_inv"] @ gm @ s["G_inv"],
+    solve=layerwise.on_stacked_view(
+        lambda s, gm, gamma: s["A_inv"] @ gm @ s["G_inv"]),
     init_extra=lambda d_a, d_out: {
         "A_inv": jnp.zeros((d_a, d_a), jnp.float32),
         "G_inv": jnp.zeros((d_out, d_out), jnp.float32)},

@@ -10,7 +10,10 @@ One update:
    all finite is skipped and counted, so the state stays usable);
 2. every ``refresh_every`` steps, recomputes the method's expensive state
    (inverses, eigendecompositions) inside :func:`jax.lax.cond`;
-3. preconditions each layer's ``G_hat`` with the method's solve;
+3. preconditions each layer's ``G_hat`` with the method's solve, which takes
+   the two pieces ``(kernel_2d, bias)`` and also returns ``<U, G_hat>`` (Eva's
+   closed forms never build the stacked matrix; K-FAC and FOOF go through
+   :func:`on_stacked_view`);
 4. applies one global scaling over the captured layers (none, KL-clip or
    KL-normalization, see :mod:`eva_optax._src.kl`);
 5. writes the result back into ``{kernel, bias}`` in the gradient dtype.
@@ -55,7 +58,9 @@ class Method:
   name: str
   statistics: str                   # value_and_grad(statistics=...) it needs
   stat_keys: tuple[str, ...]        # LayerStatistics fields it averages
-  solve: Callable[[LayerState, Array, Array], Array]   # (state, G_hat, damping)
+  # (state, kernel_2d, bias or None, damping) -> (U_kernel, U_bias, <U, G_hat>)
+  solve: Callable[[LayerState, Array, Array | None, Array],
+                  tuple[Array, Array | None, Array]]
   init_extra: Callable[[int, int], LayerState] = lambda d_a, d_out: {}
   refresh: Callable[[LayerState, Array], LayerState] | None = None
 
@@ -64,11 +69,15 @@ def _stat_shape(key: str, d_a: int, d_out: int) -> tuple[int, ...]:
   return {"a": (d_a,), "g": (d_out,), "A": (d_a, d_a), "G": (d_out, d_out)}[key]
 
 
-def _gmat(node: Any, d_in: int, d_out: int, has_bias: bool) -> Array:
-  k = node["kernel"].astype(jnp.float32).reshape(d_in, d_out)
-  if not has_bias:
-    return k
-  return jnp.concatenate([k, node["bias"].astype(jnp.float32).reshape(1, d_out)])
+def on_stacked_view(solve: Callable[[LayerState, Array, Array], Array]):
+  """Adapts a solve on the stacked ``(d_in + 1, d_out)`` matrix ``[kernel; bias]``
+  (K-FAC, FOOF) to :attr:`Method.solve`'s split form; ``<U, G_hat>`` explicitly."""
+  def split_solve(s, kernel, bias, gamma):
+    gm = kernel if bias is None else jnp.concatenate([kernel, bias[None]])
+    u = solve(s, gm, gamma)
+    d_in = kernel.shape[0]
+    return u[:d_in], (None if bias is None else u[d_in]), jnp.vdot(u, gm)
+  return split_solve
 
 
 def _check_stats(method: Method, stats: Any, layers: dict, state_keys) -> dict:
@@ -201,30 +210,31 @@ def layerwise_preconditioner(
       layer_states = jax.lax.cond((count % refresh_every) == 0, refresh_all,
                                   lambda ls: ls, layer_states)
 
-    # 3. Precondition each captured layer in its (d_in + 1, d_out) view.
-    gmats, us = [], []
+    # 3. Precondition each captured layer, in float32.
+    results, inners = {}, []
     for n, path in names.items():
-      d_in, d_out, has_bias = tree_utils.layer_dims(layers[path])
-      gm = _gmat(layers[path], d_in, d_out, has_bias)
-      gmats.append(gm)
-      us.append(method.solve(layer_states[n], gm, gamma))
-
-    # 4. Global scaling over captured layers.
-    if scaling == "kl_clip":
-      us = kl.kl_clip(us, gmats, jnp.asarray(validation.value_at(learning_rate, count),
-                                             jnp.float32), kl_clip)
-    elif scaling == "kl_normalize":
-      us = kl.kl_normalize(us, gmats, gamma)
-
-    # 5. Back to {kernel, bias}, in the gradient dtype.
-    results = {}
-    for (n, path), u in zip(names.items(), us):
       node = layers[path]
-      d_in, d_out, _ = tree_utils.layer_dims(node)
-      results[path + ("kernel",)] = u[:d_in].reshape(node["kernel"].shape)
-      if "bias" in node and u.shape[0] == d_in + 1:
-        results[path + ("bias",)] = u[d_in].reshape(node["bias"].shape)
+      d_in, d_out, has_bias = tree_utils.layer_dims(node)
+      kernel = node["kernel"].astype(jnp.float32).reshape(d_in, d_out)
+      bias = (node["bias"].astype(jnp.float32).reshape(d_out) if has_bias
+              else None)
+      u_kernel, u_bias, inner = method.solve(layer_states[n], kernel, bias, gamma)
+      results[path + ("kernel",)] = u_kernel.reshape(node["kernel"].shape)
+      if has_bias:
+        results[path + ("bias",)] = u_bias.reshape(node["bias"].shape)
+      inners.append(inner)
 
+    # 4. One global scaling over the captured layers.
+    total = sum(inners, jnp.zeros((), jnp.float32))
+    if scaling == "kl_clip":
+      lr = jnp.asarray(validation.value_at(learning_rate, count), jnp.float32)
+      scale = kl.kl_clip_scale(total, lr, kl_clip)
+    elif scaling == "kl_normalize":
+      scale = kl.kl_normalize_scale(total, gamma)
+    if scaling != "none":
+      results = {k: scale * u for k, u in results.items()}
+
+    # 5. Back into the updates tree, in the gradient dtype.
     def write(kp, leaf):
       key = tuple(tree_utils.key_name(k) for k in kp)
       return results[key].astype(leaf.dtype) if key in results else leaf

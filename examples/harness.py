@@ -133,7 +133,18 @@ def _tree_vdot(a, b):
              for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+def _unit_max(tree):
+  """``tree / max|tree|`` (float32): keeps the squares below from under- or
+  overflowing when the values are tiny (late in training) or huge (a run
+  that blows up)."""
+  leaves = [x.astype(jnp.float32) for x in jax.tree.leaves(tree)]
+  m = jnp.max(jnp.asarray([jnp.max(jnp.abs(x)) for x in leaves]))
+  m = jnp.where(jnp.isfinite(m) & (m > 0), m, 1.0)
+  return [x / m for x in leaves]
+
+
 def _cosine(a, b):
+  a, b = _unit_max(a), _unit_max(b)
   return _tree_vdot(a, b) / jnp.sqrt(_tree_vdot(a, a) * _tree_vdot(b, b) +
                                      1e-30)
 

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -212,6 +213,17 @@ def test_load_adjusted_times_by_hand():
   assert harness.adjusted_times(rec, None) == [6.0, 16.0]
 
 
+@pytest.mark.parametrize("scale", [1e-25, 1.0, 1e25])
+def test_cosine_survives_tiny_and_huge_values(scale):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  a = {"w": np.array([1.0, 2.0, 0.0]), "b": np.array([3.0])}
+  b = {"w": np.array([1.0, 2.0, 0.1]), "b": np.array([3.0])}
+  ref = 14.0 / np.sqrt(14.0 * 14.01)
+  got = harness._cosine(jax.tree.map(lambda x: jnp.asarray(scale * x, jnp.float32), a),
+                        jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), b))
+  assert abs(float(got) - ref) < 1e-5
+
+
 @needs_fmnist
 def test_autoencoder_script_smoke(tmp_path):
   import autoencoder  # pylint: disable=g-import-not-at-top
@@ -223,3 +235,19 @@ def test_autoencoder_script_smoke(tmp_path):
   for run in record["runs"].values():
     assert run["steps_per_epoch"] == 2
     assert 0.0 < run["epochs"][-1]["test_loss"] < 0.5
+
+
+@needs_fmnist
+def test_eva_damping_script_smoke(tmp_path):
+  import eva_damping  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / "damping.json")
+  record = eva_damping.main(["runs", "--damping", "0.03,1e-3", "--epochs", "1",
+                             "--out", out])
+  with open(out) as f:
+    saved = json.load(f)
+  assert set(saved["damping_runs"]) == {"damping 0.03, lr 0.18",
+                                        "damping 0.001, lr 0.18"}
+  for run in record["damping_runs"].values():
+    assert np.isfinite(run["final_test_loss"]) and len(run["test_loss"]) == 1
+    # Curvature negligible at these dampings: the KL-normalized gradient.
+    assert run["cosine_mean"] > 0.999

@@ -541,7 +541,8 @@ def markdown_table(runs: dict[str, dict[str, Any]],
                    reference: str = "sgd") -> str:
   """Optimizer, final test loss (and accuracy), time per epoch, step time
   against SGD's measured alongside, time to reach the reference's final test
-  loss (raw and load-adjusted), state size, mean cosine."""
+  loss (raw and load-adjusted) and the epoch that reaches it, state size,
+  mean cosine."""
   has_acc = any("test_accuracy" in e for r in runs.values()
                 for e in r["epochs"])
   ref = runs.get(reference)
@@ -555,7 +556,7 @@ def markdown_table(runs: dict[str, dict[str, Any]],
     head.append("test acc.")
   head += ["time/epoch (s)", "step / SGD step",
            f"time to {ref_label}'s final loss (s)", "same, load-adjusted (s)",
-           "state (MB)", "cosine"]
+           "epoch reaching it", "state (MB)", "cosine"]
   lines = ["| " + " | ".join(head) + " |",
            "|" + "|".join("---" for _ in head) + "|"]
   for name, rec in runs.items():
@@ -575,6 +576,10 @@ def markdown_table(runs: dict[str, dict[str, Any]],
         continue
       t = time_to_reach(rec, target, times)
       row.append("not reached" if t is None else f"{t:.1f}")
+    e = None if target is None else time_to_reach(
+        rec, target, [e["epoch"] for e in rec["epochs"]])
+    row.append("-" if target is None else "not reached" if e is None else
+               f"{e:d}")
     row.append(f"{rec['state_bytes'] / 2**20:.2f}")
     cos = rec.get("cosine_mean")
     row.append("-" if name == "sgd" or cos is None else
@@ -587,7 +592,7 @@ def markdown_table(runs: dict[str, dict[str, Any]],
       "median step time over the median time of SGD steps timed alongside it "
       "(after every epoch), which cancels the load of a shared machine; "
       "load-adjusted: each epoch's time rescaled to the common SGD reference "
-      "step. cosine: mean over steps of cos(P(g), g) over all parameters "
+      "step; the epoch count does not depend on the load. cosine: mean over steps of cos(P(g), g) over all parameters "
       "(P(g) read off the momentum buffer: before momentum and lr); * = "
       "cos(update, g) for optimizers without a momentum trace (Adam).")
   return "\n".join(lines)

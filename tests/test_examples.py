@@ -180,6 +180,7 @@ def test_harness_writes_json_and_png(tmp_path):
   assert -1.0 <= saved["runs"]["eva"]["cosine_mean"] <= 1.0001
   assert abs(saved["runs"]["sgd"]["cosine_mean"] - 1.0) < 1e-4
   assert "| Eva |" in record["table"] and "| SGD |" in record["table"]
+  assert "epoch reaching it" in record["table"]
 
   # --append adds a run to the same record and redraws.
   args = p.parse_args([

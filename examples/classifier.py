@@ -36,7 +36,7 @@ START_LRS = {"sgd": 0.1, "adam": 0.001, "eva": 0.1, "eva_f": 0.1,
 # x1/3, x1, x3 around START_LRS, extended twice at an edge; all values and
 # losses in examples/results/classifier.json).
 DEFAULT_LRS = {"sgd": 0.1, "adam": 0.009, "eva": 0.3, "eva_f": 0.3,
-               "eva_s": 0.1, "kfac": 0.0333, "foof": 0.1, "shampoo": 0.1}
+               "eva_s": 0.1, "kfac": 0.0333, "foof": 0.3, "shampoo": 0.1}
 
 # K-FAC and Shampoo refresh their inverses every 10 steps (the authors'
 # CIFAR K-FAC setting), FOOF its eigendecompositions every 50 (the authors'

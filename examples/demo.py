@@ -3,8 +3,8 @@
 SGD, Adam, Eva, Eva-f, Eva-s, K-FAC, FOOF and Shampoo train the deep
 autoencoder of ``examples/autoencoder.py`` (784-1000-500-250-30-250-500-1000-784,
 ReLU, MSE, batch 1000) with the same data order and initialisation, on a
-training subset and for a few epochs so that the whole comparison fits in
-a few minutes on two CPU cores (about two), then prints a markdown table (final test
+training subset and for a few epochs so that the whole comparison takes
+about two minutes on two CPU cores, then prints a markdown table (final test
 loss on the full 10,000-image test set, time per epoch, time to reach SGD's
 final test loss, optimizer-state size, cosine between the preconditioned and the
 raw gradient) and writes a JSON record and a PNG plot under ``results/demo``.

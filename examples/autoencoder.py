@@ -95,9 +95,7 @@ def parser(default_epochs: int = 20) -> argparse.ArgumentParser:
   harness.add_common_args(p, "autoencoder", DEFAULT_LRS)
   # The sweep: 5 epochs on 20,000 images (100 steps), validation on 5,000.
   p.set_defaults(epochs=default_epochs, sweep_epochs=5, sweep_subset=20000)
-  p.add_argument("--data-dir", default=None)
-  p.add_argument("--download", action="store_true")
-  p.add_argument("--batch-size", type=int, default=1000)
+  harness.add_data_args(p, batch_size=1000)
   p.add_argument("--kfac-inverse-every", type=int,
                  default=OPTIONS["kfac"]["inverse_every"],
                  help="K-FAC and FOOF inverse refresh interval")

@@ -88,9 +88,7 @@ def parser(default_epochs: int = 5) -> argparse.ArgumentParser:
   harness.add_common_args(p, "classifier", DEFAULT_LRS)
   # The sweep: 2 epochs on 10,000 images (156 steps), validation on 5,000.
   p.set_defaults(epochs=default_epochs, sweep_epochs=2, sweep_subset=10000)
-  p.add_argument("--data-dir", default=None)
-  p.add_argument("--download", action="store_true")
-  p.add_argument("--batch-size", type=int, default=128)
+  harness.add_data_args(p, batch_size=128)
   return p
 
 

@@ -32,6 +32,7 @@ summarise the results.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -134,9 +135,7 @@ def _tree_vdot(a, b):
 
 
 def _unit_max(tree):
-  """``tree / max|tree|`` (float32): keeps the squares below from under- or
-  overflowing when the values are tiny (late in training) or huge (a run
-  that blows up)."""
+  """``tree / max|tree|`` as float32 leaves."""
   leaves = [x.astype(jnp.float32) for x in jax.tree.leaves(tree)]
   m = jnp.max(jnp.asarray([jnp.max(jnp.abs(x)) for x in leaves]))
   m = jnp.where(jnp.isfinite(m) & (m > 0), m, 1.0)
@@ -144,9 +143,21 @@ def _unit_max(tree):
 
 
 def _cosine(a, b):
-  a, b = _unit_max(a), _unit_max(b)
-  return _tree_vdot(a, b) / jnp.sqrt(_tree_vdot(a, a) * _tree_vdot(b, b) +
-                                     1e-30)
+  """cos(a, b) over whole trees, in one pass over the data. Only when a
+  squared norm leaves [1e-15, 1e15], where ``aa * bb`` or the squares
+  themselves could under- or overflow float32 (late in training, or a run
+  that blows up), are both trees rescaled to unit max first, inside
+  :func:`jax.lax.cond` so that the usual step pays nothing."""
+  def cos(ab, aa, bb):
+    return ab / jnp.sqrt(aa * bb + 1e-30)
+
+  def rescaled(a, b):
+    a, b = _unit_max(a), _unit_max(b)
+    return cos(_tree_vdot(a, b), _tree_vdot(a, a), _tree_vdot(b, b))
+
+  ab, aa, bb = _tree_vdot(a, b), _tree_vdot(a, a), _tree_vdot(b, b)
+  in_range = (aa > 1e-15) & (aa < 1e15) & (bb > 1e-15) & (bb < 1e15)
+  return jax.lax.cond(in_range, lambda a, b: cos(ab, aa, bb), rescaled, a, b)
 
 
 def _traces(opt_state) -> list[optax.TraceState]:
@@ -570,16 +581,16 @@ def markdown_table(runs: dict[str, dict[str, Any]],
     row.append(f"{rec['time_per_epoch_s']:.1f}")
     ratio = rec.get("step_ratio_vs_sgd")
     row.append(f"{ratio:.2f}" if ratio else "-")
-    for times in (None, adjusted_times(rec, ref_step) if ref_step else False):
-      if target is None or times is False:
-        row.append("-")
-        continue
+
+    def reach(times, fmt):
+      if target is None or times is None:
+        return "-"
       t = time_to_reach(rec, target, times)
-      row.append("not reached" if t is None else f"{t:.1f}")
-    e = None if target is None else time_to_reach(
-        rec, target, [e["epoch"] for e in rec["epochs"]])
-    row.append("-" if target is None else "not reached" if e is None else
-               f"{e:d}")
+      return "not reached" if t is None else fmt.format(t)
+
+    row += [reach([e["train_time_s"] for e in rec["epochs"]], "{:.1f}"),
+            reach(adjusted_times(rec, ref_step) if ref_step else None, "{:.1f}"),
+            reach([e["epoch"] for e in rec["epochs"]], "{:d}")]
     row.append(f"{rec['state_bytes'] / 2**20:.2f}")
     cos = rec.get("cosine_mean")
     row.append("-" if name == "sgd" or cos is None else
@@ -608,7 +619,8 @@ def add_common_args(parser, name: str, default_lrs: dict[str, float]):
                       help="directory for the JSON and PNG")
   parser.add_argument("--train-subset", type=int, default=None,
                       help="train on the first N training examples only")
-  parser.add_argument("--sweep", action=argparse_bool(), default=False,
+  parser.add_argument("--sweep", action=argparse.BooleanOptionalAction,
+                      default=False,
                       help="run the short learning-rate sweep first and "
                       "train with the chosen values")
   parser.add_argument("--sweep-epochs", type=int, default=2)
@@ -629,9 +641,12 @@ def add_common_args(parser, name: str, default_lrs: dict[str, float]):
                         f"(default {default_lrs[opt]})")
 
 
-def argparse_bool():
-  import argparse  # pylint: disable=g-import-not-at-top
-  return argparse.BooleanOptionalAction
+def add_data_args(parser, batch_size: int):
+  """``--data-dir``, ``--download`` and ``--batch-size`` (the Fashion-MNIST
+  examples; see ``datasets.load_fashion_mnist``)."""
+  parser.add_argument("--data-dir", default=None)
+  parser.add_argument("--download", action="store_true")
+  parser.add_argument("--batch-size", type=int, default=batch_size)
 
 
 def parse_optimizers(text: str) -> list[str]:

@@ -145,18 +145,8 @@ def scale_by_eva_s(
       tensors = [g.astype(jnp.float32) if _is_preconditioned(g) else None
                  for g in leaves]
       obs = [mean_vectors(t) if t is not None else () for t in tensors]
-      finite = jnp.all(jnp.asarray(
-          [jnp.all(jnp.isfinite(s)) for vs in obs for s in vs] or [True]))
-      due = (count % stats_every) == 0
-      accept = jnp.logical_and(due, finite)
-      if stat_decay is None:
-        merge = lambda o, n: o + n
-      else:
-        xi = jnp.asarray(validation.value_at(stat_decay, count), jnp.float32)
-        first = state.stats_count == 0
-        merge = lambda o, n: jnp.where(first, n, (1.0 - xi) * o + xi * n)
-      vectors = [tuple(jnp.where(accept, merge(o, n), o) for o, n in zip(ov, nv))
-                 for ov, nv in zip(old, obs)]
+      vectors, due, finite = counters.fold_statistics(
+          state, old, obs, stat_decay, stats_every)
 
       out = []
       for g, t, vs in zip(leaves, tensors, vectors):

@@ -182,25 +182,15 @@ def layerwise_preconditioner(
     matched = _check_stats(method, stats, layers, state.layers)
     count = state.count
     gamma = jnp.asarray(validation.value_at(damping, count), jnp.float32)
-    xi = jnp.asarray(validation.value_at(stat_decay, count), jnp.float32)
 
     # 1. Running averages of the statistics.
     names = {tree_utils.path_str(p): p for p, st in matched.items() if st is not None}
     new_obs = {n: {k: getattr(matched[p], k).astype(jnp.float32)
                    for k in method.stat_keys} for n, p in names.items()}
-    finite = jnp.all(jnp.asarray(
-        [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new_obs)] or [True]))
-    due = (count % stats_every) == 0
-    accept = jnp.logical_and(due, finite)
-    first = state.stats_count == 0
-    layer_states = dict(state.layers)
-    for n, obs in new_obs.items():
-      old = layer_states[n]
-      merged = dict(old)
-      for k, new in obs.items():
-        ema = jnp.where(first, new, (1.0 - xi) * old[k] + xi * new)
-        merged[k] = jnp.where(accept, ema, old[k])
-      layer_states[n] = merged
+    old_obs = {n: {k: state.layers[n][k] for k in obs} for n, obs in new_obs.items()}
+    averages, due, finite = counters.fold_statistics(
+        state, old_obs, new_obs, stat_decay, stats_every)
+    layer_states = {n: {**s, **averages.get(n, {})} for n, s in state.layers.items()}
 
     # 2. Periodic refresh (inverses / eigendecompositions).
     if method.refresh is not None and names:

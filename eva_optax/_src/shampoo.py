@@ -218,19 +218,10 @@ def scale_by_shampoo(
       obs = [{"L": jnp.einsum("bij,bkj->bik", gb, gb),
               "R": jnp.einsum("bji,bjk->bik", gb, gb)} if gb is not None else {}
              for gb in gblocks]
-      finite = jnp.all(jnp.asarray(
-          [jnp.all(jnp.isfinite(x)) for o in obs for x in o.values()] or [True]))
-      due = (count % stats_every) == 0
-      accept = jnp.logical_and(due, finite)
-      if stat_decay is None:
-        merge = lambda o, n: o + n
-      else:
-        xi = jnp.asarray(validation.value_at(stat_decay, count), jnp.float32)
-        first = state.stats_count == 0
-        merge = lambda o, n: jnp.where(first, n, (1.0 - xi) * o + xi * n)
-      blocks = [b if not b else dict(
-          b, **{k: jnp.where(accept, merge(b[k], o[k]), b[k]) for k in o})
-                for b, o in zip(old, obs)]
+      averages, due, finite = counters.fold_statistics(
+          state, [{k: b[k] for k in o} for b, o in zip(old, obs)], obs,
+          stat_decay, stats_every)
+      blocks = [{**b, **avg} if b else b for b, avg in zip(old, averages)]
 
       # Periodic refresh of the inverse roots, from the statistics just folded in.
       if any(blocks):

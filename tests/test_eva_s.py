@@ -117,7 +117,7 @@ def test_pass_through_and_state_bytes():
       got, want = got[k], want[k]
     np.testing.assert_array_equal(got, want)
   nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
-  assert nbytes == 4 * ((5 + 3) + (3 + 3 + 2 + 4)) + 3 * 4
+  assert nbytes == 4 * ((5 + 3) + (3 + 3 + 2 + 4)) + 5 * 4
 
 
 def test_nonfinite_gradient_keeps_state_finite():

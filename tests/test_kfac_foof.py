@@ -141,7 +141,7 @@ def test_state_bytes_match_analytic_count(name):
   }[name]
   floats = sum(per_layer(da, do) for da, do in _layer_dims(params))
   state = getattr(eva_optax, f"scale_by_{name}")().init(params)
-  assert _nbytes(state) == 4 * floats + 3 * 4  # + three int32 counters
+  assert _nbytes(state) == 4 * floats + 5 * 4  # + five int32 counters
   # The alias adds exactly SGD's momentum buffer.
   alias = getattr(eva_optax, name)(0.1, momentum=0.9)
   assert _nbytes(alias.init(params)) == _nbytes(state) + _nbytes(params)

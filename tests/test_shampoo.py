@@ -166,11 +166,11 @@ def test_pass_through_and_state_bytes():
       got, want = got[k], want[k]
     np.testing.assert_array_equal(got, want)
   # Per block: 2 statistics + 2 roots, float32. dense (10, 6): 3 x 2 blocks of
-  # 4 x 4; conv viewed (18, 4): 5 x 1 blocks of 4 x 4; plus three int32 counters.
+  # 4 x 4; conv viewed (18, 4): 5 x 1 blocks of 4 x 4; plus five int32 counters.
   dense = 3 * 2 * 2 * (4 * 4 + 4 * 4)
   conv = 5 * 1 * 2 * (4 * 4 + 4 * 4)
   nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
-  assert nbytes == 4 * (dense + conv) + 3 * 4
+  assert nbytes == 4 * (dense + conv) + 5 * 4
   # Without blocking a side is its own length: (10, 6) -> 2 (10^2 + 6^2).
   state = shampoo_lib.scale_by_shampoo().init({"w": jnp.zeros((10, 6))})
   assert sum(x.nbytes for x in jax.tree.leaves(state)) == 4 * 2 * (100 + 36) + 12

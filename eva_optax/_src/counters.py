@@ -1,9 +1,19 @@
-"""The three step counters every preconditioner state of this library carries,
-and the folding of new statistics into running averages that they count.
+"""The step counters every preconditioner state of this library carries, the
+folding of new statistics into running averages that they count, and the safe
+step that replaces an unusable update.
 
-``count`` (update calls), ``stats_count`` (statistics folded into the running
-averages; 0 means the next observation initialises them) and
-``nonfinite_count`` (statistics skipped because they were not all finite).
+* ``count``: update calls;
+* ``stats_count``: statistics folded into the running averages (0 means the
+  next observation initialises them);
+* ``nonfinite_count``: statistics skipped because they were not all finite;
+* ``skipped_count``: steps whose update was replaced by zeros because the
+  incoming gradient, or the preconditioned result, was not finite;
+* ``invalid_hparam_count``: steps skipped (zero update, no statistics folded)
+  because a hyperparameter given as an array or a schedule was out of range or
+  not finite at that step (``damping <= 0``, ``stat_decay`` outside ``[0, 1]``).
+
+A skipped step returns zeros, so a following ``optax.trace`` still applies the
+momentum of the earlier steps and the parameters stay finite.
 """
 
 from __future__ import annotations
@@ -19,8 +29,22 @@ from eva_optax._src import validation
 
 def zero_counters() -> dict[str, jax.Array]:
   """Three distinct int32 zeros (distinct buffers, so a state can be donated)."""
-  return {name: jnp.zeros([], jnp.int32)
-          for name in ("count", "stats_count", "nonfinite_count")}
+  return {name: jnp.zeros([], jnp.int32) for name in COUNTERS}
+
+
+COUNTERS = ("count", "stats_count", "nonfinite_count", "skipped_count",
+            "invalid_hparam_count")
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """Whether every leaf of ``tree`` is finite (a boolean scalar; True if empty)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.asarray(leaves)) if leaves else jnp.asarray(True)
+
+
+def zeros_unless(ok: jax.Array, tree: Any) -> Any:
+  """``tree`` where ``ok``, else zeros of the same shapes and dtypes (the safe step)."""
+  return jax.tree.map(lambda x: jnp.where(ok, x, jnp.zeros_like(x)), tree)
 
 
 def fold_statistics(state: Any, old: Any, new: Any, stat_decay: Any,
@@ -38,8 +62,7 @@ def fold_statistics(state: Any, old: Any, new: Any, stat_decay: Any,
     :func:`advance_counters`.
   """
   count = state.count
-  finite = jnp.all(jnp.asarray(
-      [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new)] or [True]))
+  finite = all_finite(new)
   due = (count % stats_every) == 0
   accept = jnp.logical_and(due, finite)
   if stat_decay is None:
@@ -53,13 +76,26 @@ def fold_statistics(state: Any, old: Any, new: Any, stat_decay: Any,
   return averages, due, finite
 
 
-def advance_counters(state: Any, due: jax.Array,
-                     finite: jax.Array) -> dict[str, jax.Array]:
-  """The counters after one update whose statistics were ``due`` and ``finite``."""
+def advance_counters(state: Any, due: jax.Array, finite: jax.Array, *,
+                     skipped: Any = False,
+                     invalid_hparam: Any = False) -> dict[str, jax.Array]:
+  """The counters after one update.
+
+  Args:
+    state: the state before the update (its counters are read).
+    due: whether statistics were due this step.
+    finite: whether they were finite (so folded in when due).
+    skipped: whether the update was replaced by zeros (non-finite gradient or
+      result).
+    invalid_hparam: whether a run-time hyperparameter was invalid (the step
+      was skipped and no statistics were folded in).
+  """
+  i32 = lambda b: jnp.asarray(b).astype(jnp.int32)
+  ok_hp = jnp.logical_not(invalid_hparam)
   return {
       "count": optax.safe_increment(state.count),
-      "stats_count": state.stats_count
-                     + jnp.logical_and(due, finite).astype(jnp.int32),
-      "nonfinite_count": state.nonfinite_count
-                         + jnp.logical_and(due, jnp.logical_not(finite)).astype(jnp.int32),
+      "stats_count": state.stats_count + i32(due & finite & ok_hp),
+      "nonfinite_count": state.nonfinite_count + i32(due & ~finite & ok_hp),
+      "skipped_count": state.skipped_count + i32(jnp.logical_and(skipped, ok_hp)),
+      "invalid_hparam_count": state.invalid_hparam_count + i32(invalid_hparam),
   }

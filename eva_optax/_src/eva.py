@@ -22,6 +22,7 @@ import optax
 
 from eva_optax._src import layerwise
 from eva_optax._src import linalg
+from eva_optax._src import training_chain
 
 EVA = layerwise.Method(
     name="eva", statistics="vectors", stat_keys=("a", "g"),
@@ -75,7 +76,7 @@ def scale_by_eva(
   return layerwise.layerwise_preconditioner(
       EVA, damping=damping, stat_decay=stat_decay, stats_every=stats_every,
       refresh_every=1,
-      scaling=layerwise.resolve_scaling(kl_clip, kl_normalize, "none"),
+      scaling=training_chain.resolve_scaling(kl_clip, kl_normalize, "none"),
       kl_clip=kl_clip, learning_rate=learning_rate)
 
 
@@ -100,7 +101,7 @@ def scale_by_eva_f(
   return layerwise.layerwise_preconditioner(
       EVA_F, damping=damping, stat_decay=stat_decay, stats_every=stats_every,
       refresh_every=1,
-      scaling=layerwise.resolve_scaling(kl_clip, kl_normalize, "none"),
+      scaling=training_chain.resolve_scaling(kl_clip, kl_normalize, "none"),
       kl_clip=kl_clip, learning_rate=learning_rate)
 
 
@@ -161,7 +162,7 @@ def eva(
     Kronecker-vectorized Approximation <https://openreview.net/forum?id=_Mic8V96Voy>`_,
     ICLR 2023.
   """
-  return layerwise.alias(
+  return training_chain.alias(
       scale_by_eva, learning_rate, momentum, weight_decay, damping, stat_decay,
       kl_clip=kl_clip, kl_normalize=kl_normalize, default_scaling="kl_normalize",
       nesterov=nesterov, stats_every=stats_every)
@@ -185,7 +186,7 @@ def eva_f(
   journal KL-normalization, the only one the authors ran Eva-f with
   (``semi-eva``, ``kl_clip=1``).
   """
-  return layerwise.alias(
+  return training_chain.alias(
       scale_by_eva_f, learning_rate, momentum, weight_decay, damping, stat_decay,
       kl_clip=kl_clip, kl_normalize=kl_normalize, default_scaling="kl_normalize",
       nesterov=nesterov, stats_every=stats_every)

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import optax
 
 from eva_optax._src import counters
-from eva_optax._src import linalg
 from eva_optax._src import tree_utils
 from eva_optax._src import validation
 from eva_optax._src.training_chain import training_chain
@@ -41,6 +40,30 @@ def _is_preconditioned(leaf: Any) -> bool:
   return hasattr(leaf, "ndim") and leaf.ndim >= 2 and leaf.size > 0
 
 
+def rank_one_tensor(vectors: list[Array]) -> Array:
+  """``s_1 o s_2 o ... o s_r`` as a tensor of shape ``(len(s_1), ..., len(s_r))``."""
+  out = vectors[0]
+  for v in vectors[1:]:
+    out = out[..., None] * v.reshape((1,) * out.ndim + v.shape)
+  return out
+
+
+def eva_s_solve(t: Array, vectors: list[Array], damping: Array) -> Array:
+  """``(u u^T + damping I)^{-1} vec(T)`` with ``u = s_1 (x) ... (x) s_r`` (per tensor).
+
+  .. math::
+    P = \\frac{1}{\\gamma}\\Big[T - \\frac{\\langle T, s_1\\circ\\cdots\\circ s_r\\rangle}
+        {\\gamma + \\prod_i \\|s_i\\|^2}\\, s_1\\circ\\cdots\\circ s_r\\Big]
+  """
+  c = t
+  for v in vectors:   # contract the leading axis with each s_i in turn
+    c = jnp.tensordot(v, c, axes=(0, 0))
+  mu = 1.0
+  for v in vectors:
+    mu = mu * jnp.vdot(v, v)
+  return (t - (c / (damping + mu)) * rank_one_tensor(vectors)) / damping
+
+
 def mean_vectors(t: Array) -> tuple[Array, ...]:
   """``s_i`` = mean of ``t`` over every axis but ``i``, one vector per axis."""
   axes = range(t.ndim)
@@ -54,6 +77,8 @@ class ScaleByEvaSState(NamedTuple):
   count: Array            # shape=(), dtype=jnp.int32: update calls so far.
   stats_count: Array      # shape=(), dtype=jnp.int32: statistics accumulated.
   nonfinite_count: Array  # shape=(), dtype=jnp.int32: statistics skipped as non-finite.
+  skipped_count: Array    # shape=(), int32: updates replaced by zeros (non-finite).
+  invalid_hparam_count: Array  # shape=(), int32: steps skipped for a bad run-time hyperparameter.
   # Like params: a tuple (s_1, ..., s_r) of float32 vectors per leaf of rank
   # r >= 2, an empty tuple for the leaves that pass through.
   vectors: Any
@@ -153,7 +178,7 @@ def scale_by_eva_s(
         if t is None:
           out.append(g)
           continue
-        p = linalg.eva_s_solve(t, list(vs), gamma)
+        p = eva_s_solve(t, list(vs), gamma)
         scale = jnp.sqrt(jnp.sum(t * t)) / (jnp.sqrt(jnp.sum(p * p)) + _GRAFT_EPS)
         out.append((p * scale).astype(g.dtype))
 

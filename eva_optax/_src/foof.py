@@ -26,6 +26,7 @@ import optax
 
 from eva_optax._src import layerwise
 from eva_optax._src import linalg
+from eva_optax._src import training_chain
 from eva_optax._src import validation
 
 
@@ -91,7 +92,7 @@ def scale_by_foof(
   return layerwise.layerwise_preconditioner(
       _method(top_k), damping=damping, stat_decay=stat_decay,
       stats_every=stats_every, refresh_every=inverse_every,
-      scaling=layerwise.resolve_scaling(kl_clip, kl_normalize, "none"),
+      scaling=training_chain.resolve_scaling(kl_clip, kl_normalize, "none"),
       kl_clip=kl_clip, learning_rate=learning_rate)
 
 
@@ -119,7 +120,7 @@ def foof(
     Benzing, `Gradient Descent on Neurons and its Link to Approximate
     Second-order Optimization <https://arxiv.org/abs/2201.12250>`_, ICML 2022.
   """
-  return layerwise.alias(
+  return training_chain.alias(
       scale_by_foof, learning_rate, momentum, weight_decay, damping, stat_decay,
       kl_clip=kl_clip, kl_normalize=kl_normalize, default_scaling="none",
       nesterov=nesterov, stats_every=stats_every, inverse_every=inverse_every,

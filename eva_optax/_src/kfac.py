@@ -29,6 +29,7 @@ import optax
 
 from eva_optax._src import layerwise
 from eva_optax._src import linalg
+from eva_optax._src import training_chain
 
 
 def damping_split(a_factor, g_factor, damping):
@@ -86,7 +87,7 @@ def scale_by_kfac(
   return layerwise.layerwise_preconditioner(
       KFAC, damping=damping, stat_decay=stat_decay, stats_every=stats_every,
       refresh_every=inverse_every,
-      scaling=layerwise.resolve_scaling(kl_clip, kl_normalize, "none"),
+      scaling=training_chain.resolve_scaling(kl_clip, kl_normalize, "none"),
       kl_clip=kl_clip, learning_rate=learning_rate)
 
 
@@ -125,7 +126,7 @@ def kfac(
     Martens & Grosse, `Optimizing Neural Networks with Kronecker-factored
     Approximate Curvature <https://arxiv.org/abs/1503.05671>`_, ICML 2015.
   """
-  return layerwise.alias(
+  return training_chain.alias(
       scale_by_kfac, learning_rate, momentum, weight_decay, damping, stat_decay,
       kl_clip=kl_clip, kl_normalize=kl_normalize, default_scaling="none",
       nesterov=nesterov, stats_every=stats_every, inverse_every=inverse_every)

@@ -35,7 +35,6 @@ from eva_optax._src import counters
 from eva_optax._src import kl
 from eva_optax._src import tree_utils
 from eva_optax._src import validation
-from eva_optax._src.training_chain import training_chain
 
 Array = jax.Array
 LayerState = dict[str, Array]
@@ -48,6 +47,8 @@ class LayerwiseState(NamedTuple):
   count: Array            # shape=(), int32: update calls so far.
   stats_count: Array      # shape=(), int32: statistics folded into the averages.
   nonfinite_count: Array  # shape=(), int32: statistics skipped as non-finite.
+  skipped_count: Array    # shape=(), int32: updates replaced by zeros (non-finite).
+  invalid_hparam_count: Array  # shape=(), int32: steps skipped for a bad run-time hyperparameter.
   layers: dict[str, LayerState]  # per layer path "a/b": running averages (+ extras).
 
 
@@ -236,30 +237,3 @@ def layerwise_preconditioner(
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def resolve_scaling(kl_clip: float | None, kl_normalize: bool | None,
-                    default: str) -> str:
-  """Maps the user-facing ``kl_clip`` / ``kl_normalize`` pair to a scaling name."""
-  if kl_clip is not None and kl_normalize:
-    raise ValueError("Pass either kl_clip (ICLR KL-clip) or kl_normalize=True "
-                     "(journal KL-normalization), not both.")
-  if kl_clip is not None:
-    return "kl_clip"
-  if kl_normalize is None:
-    return default
-  return "kl_normalize" if kl_normalize else "none"
-
-
-def alias(scale_by: Callable[..., optax.GradientTransformationExtraArgs],
-          learning_rate: Any, momentum: Any, weight_decay: Any, damping: Any,
-          stat_decay: Any, *, kl_clip: float | None, kl_normalize: bool | None,
-          default_scaling: str, nesterov: bool,
-          **kwargs: Any) -> optax.GradientTransformationExtraArgs:
-  """``training_chain(scale_by(...))`` with the alias' scaling resolved."""
-  scaling = resolve_scaling(kl_clip, kl_normalize, default_scaling)
-  pre = scale_by(damping, stat_decay, kl_clip=kl_clip,
-                 kl_normalize=scaling == "kl_normalize",
-                 learning_rate=learning_rate if kl_clip is not None else None,
-                 **kwargs)
-  return training_chain(pre, learning_rate, momentum, weight_decay, nesterov)

@@ -74,30 +74,6 @@ def eva_f_solve(kernel: Array, bias: Array | None, a: Array,
   return u_kernel, u_bias, inner
 
 
-def rank_one_tensor(vectors: list[Array]) -> Array:
-  """``s_1 o s_2 o ... o s_r`` as a tensor of shape ``(len(s_1), ..., len(s_r))``."""
-  out = vectors[0]
-  for v in vectors[1:]:
-    out = out[..., None] * v.reshape((1,) * out.ndim + v.shape)
-  return out
-
-
-def eva_s_solve(t: Array, vectors: list[Array], damping: Array) -> Array:
-  """``(u u^T + damping I)^{-1} vec(T)`` with ``u = s_1 (x) ... (x) s_r`` (per tensor).
-
-  .. math::
-    P = \\frac{1}{\\gamma}\\Big[T - \\frac{\\langle T, s_1\\circ\\cdots\\circ s_r\\rangle}
-        {\\gamma + \\prod_i \\|s_i\\|^2}\\, s_1\\circ\\cdots\\circ s_r\\Big]
-  """
-  c = t
-  for v in vectors:   # contract the leading axis with each s_i in turn
-    c = jnp.tensordot(v, c, axes=(0, 0))
-  mu = 1.0
-  for v in vectors:
-    mu = mu * jnp.vdot(v, v)
-  return (t - (c / (damping + mu)) * rank_one_tensor(vectors)) / damping
-
-
 def damped_inverse(m: Array, damping: Array) -> Array:
   """``(m + damping I)^{-1}`` for a symmetric PSD ``m``, by Cholesky."""
   eye = jnp.eye(m.shape[-1], dtype=m.dtype)
@@ -117,16 +93,3 @@ def symmetric_eig(m: Array, floor: float = 1e-10) -> tuple[Array, Array]:
   else:
     d, q = jnp.linalg.eigh(m)
   return jnp.where(d > floor, d, 0.0), q
-
-
-def inverse_root(m: Array, exponent: float, epsilon: float) -> Array:
-  """``(m + epsilon * lambda_max I)^{-1/exponent}`` for a symmetric PSD ``m``.
-
-  The ridge is relative to the largest eigenvalue, floored at 1e-30 so that an
-  all-zero block maps to a finite matrix.
-  """
-  d, q = symmetric_eig(m, floor=0.0)
-  lam_max = jnp.max(d, axis=-1, keepdims=True)
-  ridge = jnp.maximum(epsilon * lam_max, 1e-30)
-  scale = (d + ridge) ** (-1.0 / exponent)
-  return (q * scale[..., None, :]) @ jnp.swapaxes(q, -1, -2)

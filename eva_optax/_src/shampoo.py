@@ -42,6 +42,19 @@ def _is_preconditioned(leaf: Any) -> bool:
   return hasattr(leaf, "ndim") and leaf.ndim >= 2 and leaf.size > 0
 
 
+def inverse_root(m: Array, exponent: float, epsilon: float) -> Array:
+  """``(m + epsilon * lambda_max I)^{-1/exponent}`` for a symmetric PSD ``m``.
+
+  The ridge is relative to the largest eigenvalue, floored at 1e-30 so that an
+  all-zero block maps to a finite matrix.
+  """
+  d, q = linalg.symmetric_eig(m, floor=0.0)
+  lam_max = jnp.max(d, axis=-1, keepdims=True)
+  ridge = jnp.maximum(epsilon * lam_max, 1e-30)
+  scale = (d + ridge) ** (-1.0 / exponent)
+  return (q * scale[..., None, :]) @ jnp.swapaxes(q, -1, -2)
+
+
 class _Layout(NamedTuple):
   """How a tensor's ``(m, n)`` view is cut into ``nr x nc`` blocks of ``br x bc``."""
 
@@ -92,6 +105,8 @@ class ScaleByShampooState(NamedTuple):
   count: Array            # shape=(), dtype=jnp.int32: update calls so far.
   stats_count: Array      # shape=(), dtype=jnp.int32: statistics accumulated.
   nonfinite_count: Array  # shape=(), dtype=jnp.int32: statistics skipped as non-finite.
+  skipped_count: Array    # shape=(), int32: updates replaced by zeros (non-finite).
+  invalid_hparam_count: Array  # shape=(), int32: steps skipped for a bad run-time hyperparameter.
   # Like params: per leaf of rank >= 2 a dict of float32 arrays "L", "L_root"
   # (shape (blocks, br, br)) and "R", "R_root" (shape (blocks, bc, bc)); an
   # empty tuple for the leaves that pass through.
@@ -196,7 +211,7 @@ def scale_by_shampoo(
 
   def refresh(blocks):
     def root(m, old):
-      new = linalg.inverse_root(m, _ROOT, matrix_eps)
+      new = inverse_root(m, _ROOT, matrix_eps)
       ok = jnp.all(jnp.isfinite(new), axis=(-2, -1), keepdims=True)
       return jnp.where(ok, new, old)
     return [b if not b else dict(b, L_root=root(b["L"], b["L_root"]),

@@ -7,7 +7,7 @@ momentum, then the learning rate.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import optax
 
@@ -32,3 +32,30 @@ def training_chain(preconditioner: optax.GradientTransformation,
     parts.append(optax.trace(decay=momentum, nesterov=nesterov))
   parts.append(optax.scale_by_learning_rate(learning_rate))
   return optax.chain(*parts)
+
+
+def resolve_scaling(kl_clip: float | None, kl_normalize: bool | None,
+                    default: str) -> str:
+  """Maps the user-facing ``kl_clip`` / ``kl_normalize`` pair to a scaling name."""
+  if kl_clip is not None and kl_normalize:
+    raise ValueError("Pass either kl_clip (ICLR KL-clip) or kl_normalize=True "
+                     "(journal KL-normalization), not both.")
+  if kl_clip is not None:
+    return "kl_clip"
+  if kl_normalize is None:
+    return default
+  return "kl_normalize" if kl_normalize else "none"
+
+
+def alias(scale_by: Callable[..., optax.GradientTransformationExtraArgs],
+          learning_rate: Any, momentum: Any, weight_decay: Any, damping: Any,
+          stat_decay: Any, *, kl_clip: float | None, kl_normalize: bool | None,
+          default_scaling: str, nesterov: bool,
+          **kwargs: Any) -> optax.GradientTransformationExtraArgs:
+  """``training_chain(scale_by(...))`` with the alias' scaling resolved."""
+  scaling = resolve_scaling(kl_clip, kl_normalize, default_scaling)
+  pre = scale_by(damping, stat_decay, kl_clip=kl_clip,
+                 kl_normalize=scaling == "kl_normalize",
+                 learning_rate=learning_rate if kl_clip is not None else None,
+                 **kwargs)
+  return training_chain(pre, learning_rate, momentum, weight_decay, nesterov)

@@ -173,7 +173,7 @@ def test_pass_through_and_state_bytes():
   assert nbytes == 4 * (dense + conv) + 5 * 4
   # Without blocking a side is its own length: (10, 6) -> 2 (10^2 + 6^2).
   state = shampoo_lib.scale_by_shampoo().init({"w": jnp.zeros((10, 6))})
-  assert sum(x.nbytes for x in jax.tree.leaves(state)) == 4 * 2 * (100 + 36) + 12
+  assert sum(x.nbytes for x in jax.tree.leaves(state)) == 4 * 2 * (100 + 36) + 20
 
 
 def test_nonfinite_gradient_keeps_state_finite():

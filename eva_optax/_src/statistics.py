@@ -56,3 +56,25 @@ _FIELDS = ("a", "g", "A", "G", "a_rows", "g_rows")
 
 def is_layer_statistics(x: Any) -> bool:
   return isinstance(x, LayerStatistics)
+
+
+# Powers of the loss scale that each field carries: the output side (``g``,
+# ``G``) is linear (quadratic) in dL/dy, the input side (``a``, ``A``) does not
+# depend on the loss at all.
+OUTPUT_POWER = {"a": 0, "A": 0, "a_rows": 0, "g": 1, "G": 2, "g_rows": 1}
+
+
+def scale_loss(stats: Any, factor: Any) -> Any:
+  """The statistics of the same batch under the loss ``factor * L``.
+
+  ``g`` scales by ``factor``, ``G`` by ``factor ** 2``, ``a`` and ``A`` not at
+  all. With ``factor = 1 / k`` this turns the mean over ``k`` equal
+  micro-batches (or ``k`` data-parallel shards), each under its own mean loss,
+  into the statistics of their concatenation under its mean loss. Works on a
+  single :class:`LayerStatistics` or any tree of them.
+  """
+  def one(st):
+    return st.replace(**{k: getattr(st, k) * factor ** p
+                         for k, p in OUTPUT_POWER.items()
+                         if p and getattr(st, k) is not None})
+  return jax.tree.map(one, stats, is_leaf=is_layer_statistics)

@@ -3,6 +3,8 @@
 Please don't use symbols in ``eva_optax._src``: they are not part of the public API.
 """
 
+from eva_optax._src.adaptive import AdaptiveState
+from eva_optax._src.adaptive import adaptive
 from eva_optax._src.capture import STATISTICS
 from eva_optax._src.capture import value_and_grad
 from eva_optax._src.describe import describe
@@ -18,6 +20,7 @@ from eva_optax._src.foof import scale_by_foof
 from eva_optax._src.kfac import kfac
 from eva_optax._src.kfac import scale_by_kfac
 from eva_optax._src.layerwise import LayerwiseState
+from eva_optax._src.quadratic_model import LOSSES as ADAPTIVE_LOSSES
 from eva_optax._src.shampoo import ScaleByShampooState
 from eva_optax._src.shampoo import scale_by_shampoo
 from eva_optax._src.shampoo import shampoo
@@ -27,11 +30,14 @@ from eva_optax._src.training_chain import training_chain
 __version__ = "0.1.0"
 
 __all__ = (
+    "ADAPTIVE_LOSSES",
+    "AdaptiveState",
     "LayerStatistics",
     "LayerwiseState",
     "STATISTICS",
     "ScaleByEvaSState",
     "ScaleByShampooState",
+    "adaptive",
     "describe",
     "eva",
     "eva_f",

@@ -20,6 +20,7 @@ from eva_optax._src.foof import scale_by_foof
 from eva_optax._src.kfac import kfac
 from eva_optax._src.kfac import scale_by_kfac
 from eva_optax._src.layerwise import LayerwiseState
+from eva_optax._src.multi_steps import MultiSteps
 from eva_optax._src.quadratic_model import LOSSES as ADAPTIVE_LOSSES
 from eva_optax._src.shampoo import ScaleByShampooState
 from eva_optax._src.shampoo import scale_by_shampoo
@@ -34,6 +35,7 @@ __all__ = (
     "AdaptiveState",
     "LayerStatistics",
     "LayerwiseState",
+    "MultiSteps",
     "STATISTICS",
     "ScaleByEvaSState",
     "ScaleByShampooState",

@@ -5,7 +5,7 @@ FMNIST_DIR := /usr/share/datasets/fashion-mnist
 # One OpenBLAS thread: on a shared CPU its threads make LAPACK (eigh) far slower.
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: install data test demo bench clean
+.PHONY: install data test demo bench clean docs build
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -39,5 +39,20 @@ demo: install data
 bench: install
 	$(PY) benchmarks/step_time.py
 
+# The docs extra (Sphinx, myst-parser) on top of `install`.
+$(VENV)/.docs-installed: pyproject.toml $(VENV)/.installed
+	$(VENV)/bin/pip install -q -e ".[docs]"
+	touch $@
+
+# API reference into docs/_build/html. -W: a warning (also a public name missing from the
+# reference) fails the build; -E: read everything again, so the API page follows __all__.
+docs: $(VENV)/.docs-installed
+	$(PY) -m sphinx -W --keep-going -E -b html -q docs docs/_build/html
+	@echo "Docs: docs/_build/html/index.html"
+
+# sdist and wheel into dist/ (tests/test_packaging.py builds them offline and installs the wheel).
+build: install
+	$(PY) -m build --outdir dist .
+
 clean:
-	rm -rf $(VENV) results
+	rm -rf $(VENV) results docs/_build dist

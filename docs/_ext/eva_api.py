@@ -1,0 +1,159 @@
+"""Sphinx extension: the API reference generated from ``eva_optax.__all__``.
+
+``.. eva-optax-api::`` expands, at build time, to one section per source module of the
+public names (in ``eva_optax.__all__``, then in the ``__all__`` of every public submodule
+such as ``eva_optax.nnx``), each name documented by autodoc under its public path
+(``eva_optax.eva``, not ``eva_optax._src.eva.eva``). A new public name therefore appears
+without editing the docs; its section is titled from ``TOPICS`` when its module is listed
+there, else from the first line of its module's docstring.
+
+The build then checks that every public name was documented and warns otherwise (a
+failure under ``sphinx-build -W``), like optax's ``docs/ext/coverage_check.py``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
+from typing import Any
+
+from docutils import nodes
+from docutils.statemachine import StringList
+from sphinx.application import Sphinx
+from sphinx.pycode import ModuleAnalyzer
+from sphinx.pycode import PycodeError
+from sphinx.util import logging
+from sphinx.util.docutils import SphinxDirective
+from sphinx.util.nodes import nested_parse_with_titles
+
+logger = logging.getLogger(__name__)
+
+PACKAGE = "eva_optax"
+
+# Section titles and order for the known source modules (others follow, titled from their
+# module docstring).
+TOPICS = {
+    "capture": "Gradients and layer statistics",
+    "statistics": "Gradients and layer statistics",
+    "describe": "Gradients and layer statistics",
+    "eva": "Eva and Eva-f",
+    "eva_s": "Eva-s",
+    "kfac": "K-FAC",
+    "foof": "FOOF",
+    "shampoo": "Shampoo",
+    "training_chain": "The training chain",
+    "layerwise": "Optimizer states",
+    "adaptive": "Adaptive learning rate, momentum and damping",
+    "quadratic_model": "Adaptive learning rate, momentum and damping",
+    "multi_steps": "Gradient accumulation",
+}
+
+
+def public_names() -> dict[str, Any]:
+  """``{public dotted name: object}``: ``eva_optax.__all__`` and public submodules'."""
+  package = importlib.import_module(PACKAGE)
+  names = {f"{PACKAGE}.{n}": getattr(package, n) for n in package.__all__}
+  for info in pkgutil.iter_modules(package.__path__):
+    if info.name.startswith("_"):
+      continue
+    module = importlib.import_module(f"{PACKAGE}.{info.name}")
+    names.pop(f"{PACKAGE}.{info.name}", None)     # the module itself: its names below
+    for n in getattr(module, "__all__", ()):
+      names[f"{PACKAGE}.{info.name}.{n}"] = getattr(module, n)
+  return names
+
+
+def _source_module(name: str, obj: Any) -> str:
+  """The ``_src`` module that defines ``obj`` (``eva`` for ``eva_optax._src.eva``)."""
+  module = getattr(obj, "__module__", None) if (inspect.isclass(obj)
+                                                or inspect.isroutine(obj)) else None
+  if module is None or not module.startswith(f"{PACKAGE}."):
+    # Constants carry no module: find where the package imports them from.
+    for mod_name, mod in _src_modules().items():
+      if any(v is obj for v in vars(mod).values()):
+        return mod_name
+    return name.rsplit(".", 1)[0]
+  return module.rsplit(".", 1)[-1]
+
+
+def _src_modules() -> dict[str, Any]:
+  src = importlib.import_module(f"{PACKAGE}._src")
+  return {i.name: importlib.import_module(f"{PACKAGE}._src.{i.name}")
+          for i in pkgutil.iter_modules(src.__path__)}
+
+
+def _title(module: str) -> str:
+  if module in TOPICS:
+    return TOPICS[module]
+  try:
+    doc = inspect.getdoc(importlib.import_module(f"{PACKAGE}._src.{module}")) or module
+  except ImportError:
+    doc = inspect.getdoc(importlib.import_module(module)) or module
+  return doc.splitlines()[0].rstrip(".")
+
+
+def _constant_doc(module: str, name: str) -> list[str]:
+  """The ``#:`` comment (or string after the assignment) of a constant in its module."""
+  try:
+    docs = ModuleAnalyzer.for_module(f"{PACKAGE}._src.{module}").find_attr_docs()
+  except PycodeError:
+    return []
+  return list(docs.get(("", name.rsplit(".", 1)[-1]), []))
+
+
+def _directive(name: str, obj: Any, module: str) -> list[str]:
+  if inspect.isclass(obj):
+    lines = [f".. autoclass:: {name}"]
+    if not issubclass(obj, tuple):          # NamedTuple states: fields are in the docstring
+      lines += ["   :members:"]
+    return lines
+  if inspect.isroutine(obj):
+    return [f".. autofunction:: {name}"]
+  # A constant: its value, and its doc comment where the source module has one (autodoc
+  # would show the docstring of its type, e.g. tuple's).
+  doc = _constant_doc(module, name) or ["A constant."]
+  return [f".. py:data:: {name}", f"   :value: {obj!r}", ""] + [f"   {l}" for l in doc]
+
+
+def api_rst() -> list[str]:
+  """The reStructuredText of the whole reference."""
+  order = list(dict.fromkeys(TOPICS.values()))
+  groups: dict[str, list[str]] = {}
+  names = public_names()
+  modules = {name: _source_module(name, obj) for name, obj in names.items()}
+  for name in names:
+    groups.setdefault(_title(modules[name]), []).append(name)
+  titles = sorted(groups, key=lambda t: (order.index(t) if t in order else len(order), t))
+  lines = []
+  for title in titles:
+    lines += [title, "-" * len(title), ""]
+    for name in sorted(groups[title], key=lambda n: (n.count("."), n.lower())):
+      lines += _directive(name, names[name], modules[name]) + [""]
+  return lines
+
+
+class PublicApi(SphinxDirective):
+  """``.. eva-optax-api::``: the reference of every public name."""
+
+  has_content = False
+
+  def run(self) -> list[nodes.Node]:
+    container = nodes.container()
+    content = StringList(api_rst(), source="<eva_optax.__all__>")
+    nested_parse_with_titles(self.state, content, container)
+    return container.children
+
+
+def _check_coverage(app: Sphinx, env: Any) -> None:
+  documented = set(env.get_domain("py").objects)
+  missing = sorted(set(public_names()) - documented)
+  if missing:
+    logger.warning("public names missing from the API reference: %s", ", ".join(missing),
+                   type="eva_optax", subtype="coverage")
+
+
+def setup(app: Sphinx) -> dict[str, Any]:
+  app.add_directive("eva-optax-api", PublicApi)
+  app.connect("env-check-consistency", _check_coverage)
+  return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}

@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 from typing import Any, Callable
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -32,6 +33,20 @@ def rel_err(x: Any, ref: Any) -> float:
   """``|x - ref| / |ref|`` (Frobenius), in float64."""
   x, ref = to64(x), to64(ref)
   return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+
+
+def assert_trees_close(actual: Any, expected: Any, *, rtol: float = 1e-5,
+                       atol: float = 1e-6) -> None:
+  """Same tree structure, same leaf shapes, and leaves close (chex names the failing path)."""
+  chex.assert_trees_all_equal_structs(actual, expected)
+  chex.assert_trees_all_equal_shapes(actual, expected)
+  chex.assert_trees_all_close(actual, expected, rtol=rtol, atol=atol)
+
+
+def assert_like_params(updates: Any, params: Any) -> None:
+  """``updates`` mirrors ``params``: structure, shapes and dtypes (an optax update's contract)."""
+  chex.assert_trees_all_equal_structs(updates, params)
+  chex.assert_trees_all_equal_shapes_and_dtypes(updates, params)
 
 
 def same_padding(spatial: tuple[int, ...], kernel_size: tuple[int, ...],

@@ -26,6 +26,7 @@ from eva_optax._src.shampoo import ScaleByShampooState
 from eva_optax._src.shampoo import scale_by_shampoo
 from eva_optax._src.shampoo import shampoo
 from eva_optax._src.statistics import LayerStatistics
+from eva_optax._src.train_state import TrainState
 from eva_optax._src.training_chain import training_chain
 
 __version__ = "0.1.0"
@@ -39,6 +40,7 @@ __all__ = (
     "STATISTICS",
     "ScaleByEvaSState",
     "ScaleByShampooState",
+    "TrainState",
     "adaptive",
     "describe",
     "eva",

@@ -17,6 +17,7 @@ EXPECTED = {
     "eva", "scale_by_eva", "eva_f", "scale_by_eva_f",
     "eva_s", "scale_by_eva_s", "kfac", "scale_by_kfac",
     "foof", "scale_by_foof", "shampoo", "scale_by_shampoo",
+    "MultiSteps", "TrainState",
 }
 
 

@@ -32,6 +32,13 @@ class TrainState(train_state.TrainState):
   given ``stats`` ignores them. It is a pytree like Flax's, so it can be
   jitted, donated and checkpointed with orbax as usual.
 
+  Attributes:
+    step: ``apply_gradients`` calls so far (0 after ``create``).
+    apply_fn: usually ``model.apply`` (static, not a pytree leaf).
+    params: the parameters that ``tx`` updates.
+    tx: the optimizer, e.g. ``eva_optax.eva(0.1)`` (static).
+    opt_state: ``tx``'s state.
+
   Examples:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, eva_optax
     >>> model = nn.Sequential([nn.Dense(8), nn.relu, nn.Dense(2)])

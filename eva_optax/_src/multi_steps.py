@@ -325,9 +325,9 @@ class MultiSteps:
       acc_grads = jax.tree.map(
           lambda g, acc: merge(g.astype(acc.dtype), acc, n.astype(acc.dtype)),
           updates, state.acc_grads)
-      new_acc_stats = {
-          name: {k: (merge(observed[name][k], acc, n) if k in observed[name]
-                     else acc) for k, acc in slots.items()}
+      new_acc_stats = {   # always a running mean (Welford), in float32
+          name: {k: (acc + (observed[name][k] - acc) / (n + 1)
+                     if k in observed[name] else acc) for k, acc in slots.items()}
           for name, slots in acc_stats.items()} if observed else acc_stats
       emit = state.mini_step == (k_steps - 1)
       shapes = jax.eval_shape(inner_update, acc_grads, new_acc_stats,

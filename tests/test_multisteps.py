@@ -1,0 +1,305 @@
+"""eva_optax.MultiSteps: k micro-steps equal one step on the k-times larger batch.
+
+The reference is the same optimizer run without accumulation on the
+concatenated batch (its mean loss), for every optimizer of the library, at a
+damping small enough that the statistics steer the update. Both the emitted
+updates and the wrapped optimizer's state (the running averages of the
+statistics, so what reached it, with their scale) are compared. optax.MultiSteps
+goes through the same comparison for Eva to show that the test can fail: only
+the last micro-batch's statistics reach the optimizer there.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import eva_optax
+from conftest import MLP, mse_loss, rel_err
+
+K = 4            # micro-batches per update
+MICRO = 8        # examples per micro-batch
+SHIFTS = (-1.5, -0.5, 0.5, 2.0)   # micro-batch input means differ: wrong weights show
+
+# name -> (optimizer factory at small damping, statistics mode, learning rate)
+OPTIMIZERS = {
+    "eva": (lambda lr: eva_optax.eva(lr, momentum=0.9, damping=1e-6,
+                                     kl_normalize=False), "vectors", 1e-8),
+    "eva_f": (lambda lr: eva_optax.eva_f(lr, momentum=0.9, damping=1e-6,
+                                         kl_normalize=False), "vectors", 1e-8),
+    "eva_s": (lambda lr: eva_optax.eva_s(lr, momentum=0.9, damping=1e-6),
+              "vectors", 1e-2),
+    "kfac": (lambda lr: eva_optax.kfac(lr, momentum=0.9, damping=1e-6, kl_clip=None,
+                                       kl_normalize=False), "factors", 1e-5),
+    "foof": (lambda lr: eva_optax.foof(lr, momentum=0.9, damping=1e-6, kl_clip=None,
+                                       kl_normalize=False), "factors", 1e-8),
+    "shampoo": (lambda lr: eva_optax.shampoo(lr, momentum=0.9), "vectors", 1e-2),
+}
+# float32 round-off (the micro-batch means are summed in another order) grows
+# through the solves at damping 1e-6; Shampoo's inverse 4th roots of its
+# rank-deficient statistics amplify it most.
+TOL = 1e-3
+TOLS = {"shampoo": 5e-3}
+
+
+def _micro_batches(seed: int):
+  """K micro-batches ``(x, y)`` whose inputs have different means."""
+  rng = np.random.default_rng(seed)
+  w = np.random.default_rng(7).normal(size=(5, 3)) / np.sqrt(5)
+  out = []
+  for shift in SHIFTS:
+    x = rng.normal(size=(MICRO, 5)) + shift + np.linspace(-0.3, 0.3, 5)
+    y = np.tanh(x @ w) + 0.1
+    out.append((jnp.asarray(x, jnp.float32), jnp.asarray(y, jnp.float32)))
+  return out
+
+
+def _concat(batches):
+  return tuple(jnp.concatenate(parts) for parts in zip(*batches))
+
+
+@functools.lru_cache(maxsize=None)
+def _problem():
+  model = MLP()
+  batches = [_micro_batches(seed) for seed in (1, 2)]   # two emitting steps
+  params = model.init(jax.random.PRNGKey(0), batches[0][0][0])["params"]
+  return params, mse_loss(model), batches
+
+
+@functools.lru_cache(maxsize=None)
+def _grad_fn(mode: str, scale: float = 1.0):
+  """One compiled ``value_and_grad`` per statistics mode, shared by the tests."""
+  _, loss, _ = _problem()
+  return jax.jit(eva_optax.value_and_grad(
+      lambda p, x, y: scale * loss(p, x, y), statistics=mode))
+
+
+def _run(tx, mode, accumulate):
+  """Two updates: 2 x K micro-steps (accumulate) or 2 steps on the 4x batch.
+
+  Returns the emitted updates, every micro-step's update, the final state and
+  the final parameters.
+  """
+  params, _, batches = _problem()
+  grad_fn, update = _grad_fn(mode), jax.jit(tx.update)
+  state = tx.init(params)
+  emitted, every = [], []
+  for micro in batches:
+    for x, y in (micro if accumulate else [_concat(micro)]):
+      _, grads, stats = grad_fn(params, x, y)
+      updates, state = update(grads, state, params, stats=stats)
+      params = optax.apply_updates(params, updates)
+      every.append(updates)
+    emitted.append(updates)
+  return emitted, every, state, params
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(name):
+  make, mode, lr = OPTIMIZERS[name]
+  return _run(make(lr), mode, accumulate=False)
+
+
+def _max_rel_err(tree, ref):
+  return max(rel_err(a, b) for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(ref)))
+
+
+def _assert_states_close(state, ref, tol=TOL):
+  """Same structure; integer leaves (counters) equal, float leaves close."""
+  assert jax.tree.structure(state) == jax.tree.structure(ref)
+  for leaf, r in zip(jax.tree.leaves(state), jax.tree.leaves(ref)):
+    if jnp.issubdtype(r.dtype, jnp.integer):
+      np.testing.assert_array_equal(leaf, r)
+    elif np.any(np.asarray(r) != 0):
+      assert rel_err(leaf, r) < tol
+    else:
+      np.testing.assert_array_equal(leaf, 0)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_k_micro_steps_equal_one_step_on_the_concatenated_batch(name):
+  make, mode, lr = OPTIMIZERS[name]
+  tol = TOLS.get(name, TOL)
+  ref_updates, _, ref_state, ref_params = _reference(name)
+  ms = eva_optax.MultiSteps(make(lr), every_k_schedule=K)
+  updates, every, state, params = _run(ms, mode, accumulate=True)
+
+  # The emitted updates (both steps: running averages, momentum and counters
+  # carry over) and the parameters.
+  for i in range(2):
+    assert _max_rel_err(updates[i], ref_updates[i]) < tol, (name, i)
+  assert _max_rel_err(params, ref_params) < tol / 10, name
+  for i, u in enumerate(every):   # zeros in between
+    if i % K != K - 1:
+      for leaf in jax.tree.leaves(u):
+        np.testing.assert_array_equal(leaf, 0.0)
+  assert int(state.gradient_step) == 2 and int(state.mini_step) == 0
+  assert bool(ms.has_updated(state))
+  # The wrapped optimizer's state: the running averages of the statistics
+  # (what reached it, scale included), inverses, momentum, every counter.
+  _assert_states_close(state.inner_opt_state, ref_state, tol)
+
+
+def test_optax_multisteps_gets_eva_wrong():
+  """The same comparison fails for optax.MultiSteps: it loses the statistics."""
+  make, mode, lr = OPTIMIZERS["eva"]
+  ref_updates, _, ref_state, _ = _reference("eva")
+  updates, _, state, _ = _run(optax.MultiSteps(make(lr), K), mode, accumulate=True)
+  assert _max_rel_err(updates[0], ref_updates[0]) > 0.1
+  # Its running average of a is the last micro-batch's a (at the 2nd update:
+  # 0.05 * the first update's last micro-batch + 0.95 * this one's).
+  params, _, batches = _problem()
+  a = [_grad_fn("vectors")(params, x, y)[2]["Dense_0"].a for x, y in
+       (batches[0][-1], batches[1][-1])]
+  lost = state.inner_opt_state[0].layers["Dense_0"]["a"]
+  expected = ref_state[0].layers["Dense_0"]["a"]
+  assert rel_err(lost, 0.05 * a[0] + 0.95 * a[1]) < 0.05
+  assert rel_err(lost, expected) > 0.1
+
+
+def _counting(tx, calls):
+  """``tx`` whose update reports each run (not each trace) to ``calls``."""
+  def update(updates, state, params=None, **extra):
+    jax.debug.callback(lambda: calls.append(1))
+    return tx.update(updates, state, params, **extra)
+  return optax.GradientTransformationExtraArgs(tx.init, update)
+
+
+def test_inner_update_runs_only_on_emitting_steps():
+  """The preconditioner runs under lax.cond on 2 of 8 micro-steps (optax: all 8)."""
+  params, _, batches = _problem()
+  grad_fn = _grad_fn("vectors")
+  for wrapper, expected in ((eva_optax.MultiSteps, 2), (optax.MultiSteps, 2 * K)):
+    calls = []
+    ms = wrapper(_counting(eva_optax.scale_by_eva(), calls), K)
+    update = jax.jit(ms.update)
+    state = ms.init(params)
+    for micro in batches:
+      for x, y in micro:
+        _, grads, stats = grad_fn(params, x, y)
+        _, state = update(grads, state, params, stats=stats)
+    jax.effects_barrier()
+    assert len(calls) == expected, wrapper
+
+
+def _accumulate(ms, micro, mode="vectors"):
+  params, _, _ = _problem()
+  grad_fn, update = _grad_fn(mode), jax.jit(ms.update)
+  state = ms.init(params)
+  for x, y in micro:
+    _, grads, stats = grad_fn(params, x, y)
+    updates, state = update(grads, state, params, stats=stats)
+  return updates, state
+
+
+def _single(tx, batch, scale=1.0):
+  params, _, _ = _problem()
+  _, grads, stats = _grad_fn("vectors", scale)(params, *batch)
+  return tx.update(grads, tx.init(params), params, stats=stats)
+
+
+def test_schedule_and_statistics_factor():
+  """every_k_schedule as a function: 4, then 2 micro-steps, each one big step."""
+  params, _, batches = _problem()
+  make = lambda: eva_optax.scale_by_eva(damping=1e-6)
+  ms = eva_optax.MultiSteps(make(), lambda step: jnp.where(step == 0, 4, 2))
+  update = jax.jit(ms.update)
+  state = ms.init(params)
+  ref = make()
+  ref_update, ref_state = jax.jit(ref.update), ref.init(params)
+  grad_fn = _grad_fn("vectors")
+  for group in (batches[0], batches[1][1:3]):
+    for x, y in group:
+      _, grads, stats = grad_fn(params, x, y)
+      updates, state = update(grads, state, params, stats=stats)
+    assert bool(ms.has_updated(state))
+    _, grads, stats = grad_fn(params, *_concat(group))
+    ref_updates, ref_state = ref_update(grads, ref_state, params, stats=stats)
+    assert _max_rel_err(updates, ref_updates) < TOL
+    _assert_states_close(state.inner_opt_state, ref_state)
+
+
+def test_summed_gradients_get_the_statistics_of_the_summed_loss():
+  """use_grad_mean=False: the gradient of sum_i L_i = K * (mean loss), and its statistics."""
+  _, _, batches = _problem()
+  make = lambda: eva_optax.scale_by_eva(damping=1e-6)
+  updates, state = _accumulate(
+      eva_optax.MultiSteps(make(), K, use_grad_mean=False), batches[0])
+  ref_updates, ref_state = _single(make(), _concat(batches[0]), scale=float(K))
+  assert _max_rel_err(updates, ref_updates) < TOL
+  _assert_states_close(state.inner_opt_state, ref_state)
+
+
+def test_skipped_micro_step_changes_nothing():
+  """A non-finite micro-step under skip_not_finite is as if it never happened."""
+  params, _, batches = _problem()
+  micro = batches[0]
+  grad_fn = _grad_fn("vectors")
+  ms = eva_optax.MultiSteps(eva_optax.scale_by_eva(damping=1e-6), K,
+                            should_skip_update_fn=optax.skip_not_finite)
+  update = jax.jit(ms.update)
+  outs = []
+  for poison in (False, True):
+    state = ms.init(params)
+    for i, (x, y) in enumerate(micro):
+      _, grads, stats = grad_fn(params, x, y)
+      if poison and i == 1:
+        bad = jax.tree.map(lambda g: g * jnp.nan, grads)
+        zeros, state = update(bad, state, params, stats=stats)
+        assert int(state.mini_step) == 1 and bool(state.skip_state["should_skip"])
+        for leaf in jax.tree.leaves(zeros):
+          np.testing.assert_array_equal(leaf, 0.0)
+      updates, state = update(grads, state, params, stats=stats)
+    outs.append((updates, state))
+  for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
+    if a.dtype != jnp.bool_:
+      np.testing.assert_array_equal(a, b)
+
+
+def test_gradient_only_optimizers_are_optax_multisteps():
+  """Around optax's own optimizers it is optax.MultiSteps (stats are not passed on)."""
+  params, _, batches = _problem()
+  grad_fn = _grad_fn("vectors")
+  ours, theirs = eva_optax.MultiSteps(optax.adam(1e-2), 3), optax.MultiSteps(optax.adam(1e-2), 3)
+  s1, s2 = ours.init(params), theirs.init(params)
+  assert s1.acc_stats == {}
+  assert s1._fields[:5] == s2._fields       # optax's fields, in optax's order
+  up1, up2 = jax.jit(ours.update), jax.jit(theirs.update)
+  p1 = p2 = params
+  for x, y in batches[0] + batches[1]:
+    _, g1, stats = grad_fn(p1, x, y)
+    u1, s1 = up1(g1, s1, p1, stats=stats)
+    _, g2, _ = grad_fn(p2, x, y)
+    u2, s2 = up2(g2, s2, p2)
+    p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
+    assert bool(ours.has_updated(s1)) == bool(theirs.has_updated(s2))
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  assert isinstance(ours.gradient_transformation(), optax.GradientTransformationExtraArgs)
+
+
+def test_errors():
+  params, _, batches = _problem()
+  x, y = batches[0][0]
+  with pytest.raises(ValueError, match="every_k_schedule must be >= 1"):
+    eva_optax.MultiSteps(eva_optax.eva(0.1), 0)
+  with pytest.raises(TypeError, match="every_k_schedule must be an int"):
+    eva_optax.MultiSteps(eva_optax.eva(0.1), 2.5)
+  with pytest.raises(TypeError, match="opt must be an optax GradientTransformation"):
+    eva_optax.MultiSteps(lambda g: g, 2)
+  ms = eva_optax.MultiSteps(eva_optax.eva(0.1), 2)
+  state = ms.init(params)
+  _, grads, stats = _grad_fn("vectors")(params, x, y)
+  _, _, rows = jax.eval_shape(_grad_fn("rows"), params, x, y)
+  with pytest.raises(ValueError, match="statistics='rows'.*cannot be accumulated"):
+    jax.eval_shape(ms.update, grads, state, params, stats=rows)
+  with pytest.raises(ValueError, match="needs layer statistics"):
+    jax.eval_shape(ms.update, grads, state, params)
+  del stats["Dense_1"]
+  with pytest.raises(ValueError, match="no statistics for layers \\['Dense_1'\\]"):
+    jax.eval_shape(ms.update, grads, state, params, stats=stats)

@@ -207,6 +207,10 @@ def test_one_project_url_everywhere():
     other = set(re.findall(r"github\.com/[\w.-]+/eva[_-]optax", text, re.I))
     other.discard(HOME.removeprefix("https://"))
     assert not other, f"{name} names another home: {other}"
+  # The Colab badge opens this notebook from the same repository.
+  repo = HOME.removeprefix("https://github.com/")
+  badge = f"https://colab.research.google.com/github/{repo}/blob/main/notebooks/quickstart.ipynb"
+  assert badge in files["notebooks/quickstart.ipynb"]
 
 
 def _imported_top_level(path: pathlib.Path) -> set[str]:

@@ -34,6 +34,13 @@ napoleon_use_rtype = False
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_preserve_defaults = True
+# Keep optax's and chex's type aliases by name in signatures (not expanded into unions).
+autodoc_type_aliases = {
+    name: name for name in (
+        "optax.ScalarOrSchedule", "optax.Schedule", "optax.Params", "optax.Updates",
+        "optax.OptState", "optax.MaskOrFn", "MaskOrFn", "chex.Numeric", "chex.Array",
+        "chex.ArrayTree", "chex.PRNGKey", "jax.typing.ArrayLike", "ArrayLike")
+}
 
 # The README is included as Markdown; its "## Heading" anchors resolve like GitHub's.
 myst_heading_anchors = 3

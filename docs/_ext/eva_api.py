@@ -13,9 +13,11 @@ failure under ``sphinx-build -W``), like optax's ``docs/ext/coverage_check.py``.
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 import pkgutil
+import re
 from typing import Any
 
 from docutils import nodes
@@ -46,7 +48,8 @@ TOPICS = {
     "layerwise": "Optimizer states",
     "adaptive": "Adaptive learning rate, momentum and damping",
     "quadratic_model": "Adaptive learning rate, momentum and damping",
-    "multi_steps": "Gradient accumulation",
+    "multi_steps": "Gradient accumulation and training state",
+    "train_state": "Gradient accumulation and training state",
 }
 
 
@@ -64,17 +67,36 @@ def public_names() -> dict[str, Any]:
   return names
 
 
-def _source_module(name: str, obj: Any) -> str:
-  """The ``_src`` module that defines ``obj`` (``eva`` for ``eva_optax._src.eva``)."""
-  module = getattr(obj, "__module__", None) if (inspect.isclass(obj)
-                                                or inspect.isroutine(obj)) else None
-  if module is None or not module.startswith(f"{PACKAGE}."):
-    # Constants carry no module: find where the package imports them from.
-    for mod_name, mod in _src_modules().items():
-      if any(v is obj for v in vars(mod).values()):
-        return mod_name
-    return name.rsplit(".", 1)[0]
-  return module.rsplit(".", 1)[-1]
+def _source_module(name: str, obj: Any) -> tuple[str, str]:
+  """``(module, attribute)`` that defines ``obj`` (``("eva", "eva")`` for ``eva_optax.eva``).
+
+  ``module`` is the file's name in ``eva_optax._src``. A constant carries no
+  ``__module__``: its module is the one whose top level assigns it (it may be
+  re-exported under another name, as ``ADAPTIVE_LOSSES`` is).
+  """
+  if inspect.isclass(obj) or inspect.isroutine(obj):
+    module = getattr(obj, "__module__", "") or ""
+    if module.startswith(f"{PACKAGE}."):
+      return module.rsplit(".", 1)[-1], obj.__name__
+  for mod_name, mod in _src_modules().items():
+    for attr in _assigned_names(mod):
+      if getattr(mod, attr, None) is obj:
+        return mod_name, attr
+  return name.rsplit(".", 1)[0], name.rsplit(".", 1)[-1]
+
+
+def _assigned_names(module: Any) -> list[str]:
+  """Names assigned at the top level of a module's source."""
+  try:
+    tree = ast.parse(inspect.getsource(module))
+  except (OSError, TypeError):
+    return []
+  names = []
+  for node in tree.body:
+    targets = node.targets if isinstance(node, ast.Assign) else (
+        [node.target] if isinstance(node, ast.AnnAssign) else [])
+    names += [t.id for t in targets if isinstance(t, ast.Name)]
+  return names
 
 
 def _src_modules() -> dict[str, Any]:
@@ -93,16 +115,22 @@ def _title(module: str) -> str:
   return doc.splitlines()[0].rstrip(".")
 
 
-def _constant_doc(module: str, name: str) -> list[str]:
+def _constant_doc(module: str, attribute: str) -> list[str]:
   """The ``#:`` comment (or string after the assignment) of a constant in its module."""
   try:
     docs = ModuleAnalyzer.for_module(f"{PACKAGE}._src.{module}").find_attr_docs()
   except PycodeError:
     return []
-  return list(docs.get(("", name.rsplit(".", 1)[-1]), []))
+  return list(docs.get(("", attribute), []))
 
 
-def _directive(name: str, obj: Any, module: str) -> list[str]:
+def _submodule_title(module: str) -> str:
+  doc = inspect.getdoc(importlib.import_module(module)) or ""
+  first = doc.splitlines()[0].rstrip(".") if doc else ""
+  return f"{module}: {first}" if first else module
+
+
+def _directive(name: str, obj: Any, source: tuple[str, str]) -> list[str]:
   if inspect.isclass(obj):
     lines = [f".. autoclass:: {name}"]
     if not issubclass(obj, tuple):          # NamedTuple states: fields are in the docstring
@@ -112,7 +140,7 @@ def _directive(name: str, obj: Any, module: str) -> list[str]:
     return [f".. autofunction:: {name}"]
   # A constant: its value, and its doc comment where the source module has one (autodoc
   # would show the docstring of its type, e.g. tuple's).
-  doc = _constant_doc(module, name) or ["A constant."]
+  doc = _constant_doc(*source) or ["A constant."]
   return [f".. py:data:: {name}", f"   :value: {obj!r}", ""] + [f"   {l}" for l in doc]
 
 
@@ -121,15 +149,19 @@ def api_rst() -> list[str]:
   order = list(dict.fromkeys(TOPICS.values()))
   groups: dict[str, list[str]] = {}
   names = public_names()
-  modules = {name: _source_module(name, obj) for name, obj in names.items()}
+  sources = {name: _source_module(name, obj) for name, obj in names.items()}
   for name in names:
-    groups.setdefault(_title(modules[name]), []).append(name)
+    parts = name.split(".")
+    if len(parts) > 2:       # a public submodule (eva_optax.nnx): one section of its own
+      groups.setdefault(_submodule_title(".".join(parts[:-1])), []).append(name)
+    else:
+      groups.setdefault(_title(sources[name][0]), []).append(name)
   titles = sorted(groups, key=lambda t: (order.index(t) if t in order else len(order), t))
   lines = []
   for title in titles:
     lines += [title, "-" * len(title), ""]
     for name in sorted(groups[title], key=lambda n: (n.count("."), n.lower())):
-      lines += _directive(name, names[name], modules[name]) + [""]
+      lines += _directive(name, names[name], sources[name]) + [""]
   return lines
 
 
@@ -153,7 +185,18 @@ def _check_coverage(app: Sphinx, env: Any) -> None:
                    type="eva_optax", subtype="coverage")
 
 
+def _alias_names(app, what, name, obj, options, signature, return_annotation):
+  """Shows ``chex.Numeric | None`` as written, not as ``TypeAliasForwardRef('...') | None``."""
+  del app, what, name, obj, options
+
+  def fix(text: str | None) -> str | None:
+    return text and re.sub(r"TypeAliasForwardRef\('([^']+)'\)", r"\1", text)
+
+  return fix(signature), fix(return_annotation)
+
+
 def setup(app: Sphinx) -> dict[str, Any]:
   app.add_directive("eva-optax-api", PublicApi)
+  app.connect("autodoc-process-signature", _alias_names)
   app.connect("env-check-consistency", _check_coverage)
   return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}

@@ -32,11 +32,6 @@ import eva_optax
 # of each name completes its docstring and removes it from this list (the test fails
 # when a listed name becomes complete, so the list can only shrink; never add to it).
 KNOWN_INCOMPLETE = {
-    # Optimizers (eva_optax/_src/eva.py, kfac.py, foof.py).
-    "eva_f": "no Args, no Returns",
-    "foof": "no Args, no Returns",
-    "kfac": "no Args, no Returns",
-    "scale_by_eva_f": "Args only by reference to scale_by_eva, no Returns, no References",
     # The states (eva_optax/_src/layerwise.py, adaptive.py).
     "AdaptiveState": "fields undocumented (no Attributes)",
     "LayerwiseState": "fields undocumented (no Attributes), no References or pointer",

@@ -90,7 +90,7 @@ import pytest
 
 sdist, out, run = sys.argv[1], sys.argv[2], sys.argv[3:]
 common = ["-q", "-p", "no:cacheprovider", "-p", "no:randomly", "--rootdir", sdist]
-collect_rc = int(pytest.main(common + ["--collect-only", sdist + "/tests"]))
+collect_rc = int(pytest.main(common + ["-q", "--collect-only", sdist + "/tests"]))
 run_rc = int(pytest.main(common + ["-x", "-n", "0"] + [sdist + "/" + t for t in run]))
 import eva_optax   # imported by the tests above: where from?
 dist = importlib.metadata.distribution("eva-optax")
@@ -167,7 +167,8 @@ def test_build_install_and_sdist_tests(tmp_path):
   run = _run([venv_python, tmp_path / "check.py", sdist_root, out, *_SDIST_TESTS_RUN],
              cwd=tmp_path, env=_clean_env())
   found = json.loads(out.read_text())
-  assert found["collect_rc"] == 0 and found["run_rc"] == 0, run.stdout[-4000:]
+  problems = [l for l in run.stdout.splitlines() if re.match(r"(ERROR|FAILED|E )", l)]
+  assert found["collect_rc"] == 0 and found["run_rc"] == 0, "\n".join(problems[:60])
   assert pathlib.Path(found["file"]).is_relative_to(venv_site), found
   assert pathlib.Path(found["dist_location"]).resolve() == venv_site.resolve(), found
   assert found["py_typed"] and found["record_has_py_typed"], found

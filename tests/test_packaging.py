@@ -28,7 +28,6 @@ import tarfile
 import tomllib
 import zipfile
 
-import pytest
 import yaml
 
 import eva_optax
@@ -89,9 +88,9 @@ import importlib.metadata, json, pathlib, sys
 import pytest
 
 sdist, out, run = sys.argv[1], sys.argv[2], sys.argv[3:]
-common = ["-q", "-p", "no:cacheprovider", "-p", "no:randomly", "--rootdir", sdist]
-collect_rc = int(pytest.main(common + ["-q", "--collect-only", sdist + "/tests"]))
-run_rc = int(pytest.main(common + ["-x", "-n", "0"] + [sdist + "/" + t for t in run]))
+common = ["-p", "no:cacheprovider", "-p", "no:randomly", "--rootdir", sdist]
+collect_rc = int(pytest.main(common + ["-qq", "--collect-only", sdist + "/tests"]))
+run_rc = int(pytest.main(common + ["-q", "-x", "-n", "0"] + [sdist + "/" + t for t in run]))
 import eva_optax   # imported by the tests above: where from?
 dist = importlib.metadata.distribution("eva-optax")
 pkg = pathlib.Path(eva_optax.__file__).parent
@@ -102,7 +101,6 @@ json.dump({
     "dist_location": str(dist.locate_file("")),
     "py_typed": (pkg / "py.typed").is_file(),
     "record_has_py_typed": any(str(f) == "eva_optax/py.typed" for f in dist.files),
-    "prefix": sys.prefix,
 }, open(out, "w"))
 """
 

@@ -87,20 +87,22 @@ def make_task(data_dir: str | None = None, download: bool = False,
       name="autoencoder", model=Autoencoder(),
       loss_and_metrics=loss_and_metrics, x_train=d.x_train, y_train=d.y_train,
       x_test=d.x_test, y_test=d.y_test, batch_size=batch_size,
-      eval_batch_size=2000, log_scale=True)
+      eval_batch_size=2000, log_scale=True,
+      loss_name="MSE (mean over batch x 784 pixels)")
 
 
 def parser(default_epochs: int = 20) -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = harness.cli.parser(__doc__)
   harness.add_common_args(p, "autoencoder", DEFAULT_LRS)
   # The sweep: 5 epochs on 20,000 images (100 steps), validation on 5,000.
   p.set_defaults(epochs=default_epochs, sweep_epochs=5, sweep_subset=20000)
   harness.add_data_args(p, batch_size=1000)
   p.add_argument("--kfac-inverse-every", type=int,
                  default=OPTIONS["kfac"]["inverse_every"],
-                 help="K-FAC and FOOF inverse refresh interval")
+                 help="K-FAC's and FOOF's inverse refresh interval (steps)")
   p.add_argument("--shampoo-inverse-every", type=int,
-                 default=OPTIONS["shampoo"]["inverse_every"])
+                 default=OPTIONS["shampoo"]["inverse_every"],
+                 help="Shampoo's inverse-root refresh interval (steps)")
   return p
 
 
@@ -118,7 +120,8 @@ def main(argv=None):
   return harness.run_comparison(
       task, args, options=options_from(args),
       sweep_centers=PAPER_LRS,
-      title=f"Fashion-MNIST deep autoencoder, batch {args.batch_size}",
+      title="Fashion-MNIST deep autoencoder 784-1000-500-250-30-250-500-"
+      "1000-784",
       notes={"model": "784-1000-500-250-30-250-500-1000-784, ReLU, linear "
              "code and output", "loss": "MSE averaged over batch x 784, "
              "pixels in [0, 1]", "paper_learning_rates": PAPER_LRS})

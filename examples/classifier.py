@@ -80,11 +80,12 @@ def make_task(data_dir: str | None = None, download: bool = False,
   return harness.Task(
       name="classifier", model=CNN(), loss_and_metrics=loss_and_metrics,
       x_train=d.x_train, y_train=d.y_train, x_test=d.x_test, y_test=d.y_test,
-      batch_size=batch_size, eval_batch_size=2000)
+      batch_size=batch_size, eval_batch_size=2000,
+      loss_name="cross-entropy (nats, mean over batch)")
 
 
 def parser(default_epochs: int = 5) -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p = harness.cli.parser(__doc__)
   harness.add_common_args(p, "classifier", DEFAULT_LRS)
   # The sweep: 2 epochs on 10,000 images (156 steps), validation on 5,000.
   p.set_defaults(epochs=default_epochs, sweep_epochs=2, sweep_subset=10000)
@@ -98,7 +99,7 @@ def main(argv=None):
   return harness.run_comparison(
       task, args, options=OPTIONS,
       sweep_centers=START_LRS,
-      title=f"Fashion-MNIST CNN, batch {args.batch_size}",
+      title="Fashion-MNIST CNN Conv16-pool-Conv32-pool-Dense128-Dense10",
       notes={"model": "Conv16-pool-Conv32-pool-Dense128-Dense10, ReLU",
              "loss": "softmax cross-entropy, mean over batch",
              "start_learning_rates": START_LRS})

@@ -31,10 +31,16 @@ EPOCHS = 6
 TRAIN_SUBSET = 20000
 
 
-def main(argv=None):
+def parser():
+  """``autoencoder.py``'s flags with the demo's defaults."""
   p = autoencoder.parser(default_epochs=EPOCHS)
+  p.description = __doc__.split("\n")[0]
   p.set_defaults(train_subset=TRAIN_SUBSET, out=os.path.join("results", "demo"))
-  args = p.parse_args(argv)
+  return p
+
+
+def main(argv=None):
+  args = parser().parse_args(argv)
   start = time.perf_counter()
   print(f"Fashion-MNIST autoencoder: {args.epochs} epochs on "
         f"{args.train_subset or 60000} training images, batch "

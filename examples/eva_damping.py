@@ -16,7 +16,9 @@ comparisons). This script measures both halves of that statement:
     python examples/eva_damping.py runs --damping 0.03,1e-9,1e-10,1e-11,1e-12
     python examples/eva_damping.py runs --damping 1e-10 --lr 0.018
 
-Results are merged into ``--out`` (default examples/results/eva_damping_autoencoder.json).
+Results are merged into ``--out`` (default examples/results/eva_damping_autoencoder.json),
+with the provenance of the latest invocation (``provenance``) and, per run, its
+commit and date.
 """
 
 from __future__ import annotations
@@ -76,40 +78,60 @@ def statistics_scale(task: harness.Task, lr: float, steps=(1, 20, 300)):
   return out
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("mode", choices=("scale", "runs"))
-  p.add_argument("--damping", default="0.03")
-  p.add_argument("--lr", type=float, default=autoencoder.DEFAULT_LRS["eva"])
-  p.add_argument("--epochs", type=int, default=20)
+def parser() -> argparse.ArgumentParser:
+  p = harness.cli.parser(__doc__)
+  p.add_argument("mode", choices=("scale", "runs"),
+                 help="scale: |a|^2, |g|^2, |v|^2 per layer; runs: 20-epoch "
+                 "Eva runs at the given dampings")
+  p.add_argument("--damping", default="0.03",
+                 help="comma-separated dampings (runs)")
+  p.add_argument("--lr", type=float, default=autoencoder.DEFAULT_LRS["eva"],
+                 help="Eva's learning rate (linear decay to 0)")
+  p.add_argument("--epochs", type=int, default=20,
+                 help="epochs of each run (runs)")
+  p.add_argument("--train-subset", type=int, default=None,
+                 help="train on the first N training images only (runs; "
+                 "None: all 60,000)")
   p.add_argument("--out", default=os.path.join(
       os.path.dirname(os.path.abspath(__file__)), "results",
-      "eva_damping_autoencoder.json"))
-  args = p.parse_args(argv)
+      "eva_damping_autoencoder.json"),
+                 help="JSON to merge the results into")
+  return p
+
+
+def main(argv=None):
+  args = parser().parse_args(argv)
   record = {}
   if os.path.exists(args.out):
     with open(args.out) as f:
       record = json.load(f)
   task = autoencoder.make_task()
+  origin = harness.provenance.collect()
 
   def save():
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(record, f, indent=1)
+    record["provenance"] = origin
+    harness.write_json(args.out, record)
 
   if args.mode == "scale":
     record["scale"] = statistics_scale(task, args.lr)
+    record["scale_provenance"] = origin
     save()
     return record
   runs = record.setdefault("damping_runs", {})
   for d in (float(v) for v in args.damping.split(",")):
-    r = harness.train(task, "eva", args.lr, args.epochs, 0, schedule="linear",
+    r = harness.train(task.subset(args.train_subset), "eva", args.lr,
+                      args.epochs, 0, schedule="linear",
                       options={"damping": d}, desc=f"Eva damping {d:g}")
     losses = [e.get("test_loss") for e in r["epochs"]]
-    runs[f"damping {d:g}, lr {args.lr:g}"] = {
+    key = f"damping {d:g}, lr {args.lr:g}" + (
+        f", {r['train_examples']} images" if args.train_subset else "")
+    runs[key] = {
         "damping": d, "learning_rate": args.lr, "epochs": args.epochs,
+        "train_examples": r["train_examples"],
         "final_test_loss": losses[-1], "test_loss": losses,
-        "cosine_mean": r.get("cosine_mean"), "nonfinite": r["diverged"]}
+        "cosine_mean": r.get("cosine_mean"), "nonfinite": r["diverged"],
+        "commit": origin["git"]["commit"], "dirty": origin["git"]["dirty"],
+        "date": origin["date"]}
     print(f"damping {d:g}, lr {args.lr:g}: final test loss {losses[-1]:.5g}, "
           f"cosine {r.get('cosine_mean')}", flush=True)
     save()

@@ -163,10 +163,14 @@ def test_harness_writes_json_and_png(tmp_path):
   with open(tmp_path / "digits.json") as f:
     saved = json.load(f)
   assert os.path.getsize(tmp_path / "digits.png") > 1000
-  for key in ("runs", "versions", "device", "config", "learning_rates",
-              "sweep", "table"):
+  for key in ("runs", "provenance", "config", "learning_rates", "sweep",
+              "table", "loss_name"):
     assert key in saved, key
-  assert set(saved["versions"]) >= {"jax", "flax", "optax", "eva_optax"}
+  prov = saved["provenance"]
+  assert set(prov["versions"]) >= {"python", "jax", "jaxlib", "flax", "optax",
+                                   "eva_optax"}
+  assert len(prov["git"]["commit"]) == 40 and "command" in prov
+  assert prov["device"]["kind"] and prov["date"]
   assert set(saved["sweep"]["optimizers"]) == {"sgd", "eva"}
   for name in ("sgd", "eva"):
     run = saved["runs"][name]
@@ -175,6 +179,9 @@ def test_harness_writes_json_and_png(tmp_path):
     for key in ("epochs", "wall_time_s", "median_step_s", "state_bytes",
                 "hyperparameters", "cosine_mean", "compile_time_s"):
       assert key in run, (name, key)
+    # The compiled step holds at least the parameters and the state.
+    mem = run["step_memory_bytes"]
+    assert mem["argument"] >= run["param_bytes"] + run["state_bytes"]
     (epoch,) = run["epochs"]
     for key in ("train_loss", "test_loss", "test_accuracy", "train_time_s"):
       assert np.isfinite(epoch[key]), (name, key)
@@ -196,6 +203,7 @@ def test_harness_writes_json_and_png(tmp_path):
   assert list(saved["runs"]) == ["sgd", "eva", "eva_f"]
   assert set(saved["learning_rates"]) == {"sgd", "eva", "eva_f"}
   assert saved["appended"][0]["optimizers"] == ["eva_f"]
+  assert saved["appended"][0]["provenance"]["git"]["commit"]
   assert "| Eva-f |" in record["table"]
 
 
@@ -224,8 +232,8 @@ def test_cosine_survives_tiny_and_huge_values(scale):
   a = {"w": np.array([1.0, 2.0, 0.0]), "b": np.array([3.0])}
   b = {"w": np.array([1.0, 2.0, 0.1]), "b": np.array([3.0])}
   ref = 14.0 / np.sqrt(14.0 * 14.01)
-  got = harness._cosine(jax.tree.map(lambda x: jnp.asarray(scale * x, jnp.float32), a),
-                        jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), b))
+  got = harness.cosine(jax.tree.map(lambda x: jnp.asarray(scale * x, jnp.float32), a),
+                       jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), b))
   assert abs(float(got) - ref) < 1e-5
 
 
@@ -247,11 +255,12 @@ def test_eva_damping_script_smoke(tmp_path):
   import eva_damping  # pylint: disable=g-import-not-at-top
   out = str(tmp_path / "damping.json")
   record = eva_damping.main(["runs", "--damping", "0.03,1e-3", "--epochs", "1",
-                             "--out", out])
+                             "--train-subset", "3000", "--out", out])
   with open(out) as f:
     saved = json.load(f)
-  assert set(saved["damping_runs"]) == {"damping 0.03, lr 0.18",
-                                        "damping 0.001, lr 0.18"}
+  assert set(saved["damping_runs"]) == {"damping 0.03, lr 0.18, 3000 images",
+                                        "damping 0.001, lr 0.18, 3000 images"}
+  assert saved["provenance"]["git"]["commit"]
   for run in record["damping_runs"].values():
     assert np.isfinite(run["final_test_loss"]) and len(run["test_loss"]) == 1
     # Curvature negligible at these dampings: the KL-normalized gradient.

@@ -1,0 +1,32 @@
+"""Shared pieces of the benchmarks in ``benchmarks/``.
+
+* :mod:`benchlib.problems`: the models on random data;
+* :mod:`benchlib.optimizers`: the optimizers timed and their gradient functions;
+* :mod:`benchlib.timing`: interleaved, paired timing and the hang guard;
+* :mod:`benchlib.diagnostics`: direction cosine, Eva's state size, breakdown;
+* :mod:`benchlib.report`: the markdown tables.
+
+A script in ``benchmarks/`` runs with that directory on ``sys.path``, so
+``import benchlib`` works. The provenance record and the plot style live with
+the examples' harness; :func:`add_examples_to_path` makes them importable::
+
+    import benchlib
+    benchlib.add_examples_to_path()
+    from harness import provenance, style  # pylint: disable=g-import-not-at-top
+    record["provenance"] = provenance.collect()
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+EXAMPLES = os.path.join(ROOT, "examples")
+
+
+def add_examples_to_path() -> None:
+  """Puts ``examples/`` on ``sys.path`` (for ``import harness``)."""
+  if EXAMPLES not in sys.path:
+    sys.path.insert(0, EXAMPLES)

@@ -1,0 +1,227 @@
+"""Rewrites the README's result tables from the committed JSON records.
+
+Each table sits between two marker comments in ``README.md``::
+
+    <!-- table:demo -->
+    ...generated, do not edit by hand...
+    <!-- /table:demo -->
+
+and is rendered from one JSON file by the entry of the same name in
+:data:`TABLES`. ``python examples/readme_tables.py`` rewrites every table in
+place; ``--check`` rewrites nothing and exits with status 1 (and a diff) if
+the README differs from what the JSON gives (``tests/test_results.py`` runs
+it).
+
+To add a table, register one entry and put the two markers in the README::
+
+    register(Table("scaling", "benchmarks/results/scaling.json", render_scaling))
+
+where ``render_scaling(record) -> str`` returns the markdown (table and any
+notes). :func:`comparison_table` renders the examples' comparison records;
+:func:`provenance_line` says which commit, command and versions produced a
+record (old records without provenance say so, and name the commit that
+added the file when the entry gives it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import re
+import sys
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from harness import optimizers
+from harness import provenance
+from harness import records
+from harness import tables
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+  """One README table: its marker name, its JSON (relative to the repository
+  root) and how to render it.
+
+  ``committed_in`` names the commit that added a JSON written before records
+  carried their provenance (shown in place of the unknown producing commit).
+  """
+
+  name: str
+  source: str
+  render: Callable[[dict[str, Any]], str]
+  committed_in: str | None = None
+
+
+TABLES: dict[str, Table] = {}
+
+
+def register(table: Table) -> Table:
+  """Adds ``table`` to :data:`TABLES` (replacing one of the same name)."""
+  TABLES[table.name] = table
+  return table
+
+
+def provenance_line(record: dict[str, Any],
+                    committed_in: str | None = None) -> str:
+  """One sentence: the commit (and whether the tree was dirty), the command,
+  the date, eva_optax's and jax's versions, the device."""
+  s = provenance.summary(record)
+  v, d = s["versions"], s["device"]
+  env = (f"eva_optax {v.get('eva_optax', '?')}, jax {v.get('jax', '?')}, "
+         f"{d.get('platform', '?')} ({d.get('cpu_count', '?')} CPUs)")
+  date = (s["date"] or "?")[:10]
+  if s["commit"]:
+    dirty = " with uncommitted changes" if s["dirty"] else ""
+    return (f"Produced by commit `{s['commit'][:7]}`{dirty}: "
+            f"`{s['command']}`, {date}, {env}.")
+  where = (f" (this file was committed in `{committed_in}`)"
+           if committed_in else "")
+  return (f"Produced {date}, {env}; this record predates provenance records, "
+          f"so the commit that produced it is not known{where}.")
+
+
+def comparison_table(learning_rates: bool = True,
+                     highlight: str = "eva") -> Callable[[dict[str, Any]], str]:
+  """A renderer of an examples comparison record (``harness.run_comparison``).
+
+  Columns: optimizer, learning rate (if ``learning_rates``), final test loss,
+  test accuracy (where recorded), time per epoch, time to SGD's final test
+  loss, the epoch that reaches it, state size, mean cosine. The
+  ``highlight`` optimizer's name and loss are in bold.
+  """
+  def render(record: dict[str, Any]) -> str:
+    runs = record["runs"]
+    has_acc = any("test_accuracy" in e for r in runs.values()
+                  for e in r["epochs"])
+    target = tables.final_loss(runs.get("sgd"))
+    head = ["optimizer"] + (["lr"] if learning_rates else []) + [
+        "final test loss"] + (["test acc."] if has_acc else []) + [
+            "time/epoch (s)", "time to SGD's final loss (s)",
+            "epoch reaching it", "state (MB)", "cosine"]
+    lines = ["| " + " | ".join(head) + " |",
+             "|" + "|".join("---" for _ in head) + "|"]
+    for name, rec in runs.items():
+      last = rec["epochs"][-1] if rec["epochs"] else {}
+      loss = last.get("test_loss")
+      label = optimizers.LABELS.get(name, rec.get("label", name))
+      loss_s = ("diverged" if rec["diverged"] else
+                "-" if loss is None else f"{loss:.5f}")
+      if name == highlight:
+        label, loss_s = f"**{label}**", f"**{loss_s}**"
+      row = [label]
+      if learning_rates:
+        row.append(f"{rec['hyperparameters']['learning_rate']:g}")
+      row.append(loss_s)
+      if has_acc:
+        acc = last.get("test_accuracy")
+        row.append("-" if acc is None else f"{100 * acc:.2f}%")
+      row.append(f"{rec['time_per_epoch_s']:.1f}")
+      if target is None:
+        row += ["-", "-"]
+      else:
+        t = tables.time_to_reach(rec, target)
+        e = tables.time_to_reach(rec, target, [x["epoch"] for x in rec["epochs"]])
+        row += ["not reached" if t is None else f"{t:.1f}",
+                "not reached" if e is None else f"{e:d}"]
+      row.append(f"{rec['state_bytes'] / 2**20:.2f}")
+      cos = rec.get("cosine_mean")
+      row.append("-" if name == "sgd" or cos is None else f"{cos:.3f}" + (
+          "" if rec["cosine_of"].startswith("precond") else "*"))
+      lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+  return render
+
+
+register(Table("demo", "examples/results/demo.json",
+               comparison_table(learning_rates=False)))
+register(Table("autoencoder", "examples/results/autoencoder.json",
+               comparison_table(), committed_in="444f82d"))
+register(Table("classifier", "examples/results/classifier.json",
+               comparison_table(), committed_in="444f82d"))
+register(Table("classifier_next_lower_lr",
+               "examples/results/classifier_next_lower_lr.json",
+               comparison_table(), committed_in="863507a"))
+
+
+def render(table: Table, root: str = ROOT) -> str:
+  """The markdown between ``table``'s markers: the table and its provenance."""
+  record = records.read_json(os.path.join(root, table.source))
+  return (table.render(record).rstrip("\n") + "\n\n"
+          + provenance_line(record, table.committed_in))
+
+
+def _block(name: str) -> re.Pattern[str]:
+  return re.compile(rf"(<!-- table:{re.escape(name)} -->\n)(.*?)"
+                    rf"(<!-- /table:{re.escape(name)} -->)", re.DOTALL)
+
+
+def rewrite(text: str, root: str = ROOT,
+            names: list[str] | None = None) -> str:
+  """``text`` (the README) with every registered table regenerated.
+
+  Raises:
+    ValueError: a registered table has no (or more than one) marker pair.
+  """
+  for name in names or list(TABLES):
+    pattern = _block(name)
+    found = len(pattern.findall(text))
+    if found != 1:
+      raise ValueError(
+          f"README has {found} '<!-- table:{name} -->' ... "
+          f"'<!-- /table:{name} -->' blocks; put exactly one around the "
+          "table.")
+    body = render(TABLES[name], root)
+    text = pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(3), text)
+  return text
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(
+      description=__doc__.split("\n")[0],
+      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--check", action="store_true",
+                 help="change nothing; exit 1 and print a diff if the README "
+                 "differs from the JSON")
+  p.add_argument("--readme", default=README, help="the README to rewrite")
+  p.add_argument("--tables", default=",".join(TABLES),
+                 help="comma-separated tables to regenerate")
+  return p
+
+
+def main(argv=None) -> int:
+  args = parser().parse_args(argv)
+  names = [n.strip() for n in args.tables.split(",") if n.strip()]
+  unknown = [n for n in names if n not in TABLES]
+  if unknown:
+    raise SystemExit(f"unknown table(s) {unknown}; registered: {list(TABLES)}")
+  with open(args.readme) as f:
+    old = f.read()
+  new = rewrite(old, names=names)
+  if args.check:
+    if new == old:
+      print(f"{args.readme}: {len(names)} tables match their JSON.")
+      return 0
+    sys.stdout.writelines(difflib.unified_diff(
+        old.splitlines(True), new.splitlines(True), "README.md (committed)",
+        "README.md (from the JSON)"))
+    print("\nThe README's tables differ from the JSON: run "
+          "`python examples/readme_tables.py`.")
+    return 1
+  if new != old:
+    with open(args.readme, "w") as f:
+      f.write(new)
+  print(f"{args.readme}: {len(names)} tables "
+        f"{'rewritten' if new != old else 'already up to date'}.")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -63,20 +63,28 @@ def _concat(batches):
   return tuple(jnp.concatenate(parts) for parts in zip(*batches))
 
 
+def _params(seed: int = 0):
+  """Parameters of ``MLP(features=(6, 3))`` on 5 inputs, drawn in NumPy (eager
+  ``model.init`` compiles its random initialisers: seconds per shape)."""
+  rng = np.random.default_rng(seed)
+  return {f"Dense_{i}": {
+      "kernel": jnp.asarray(rng.normal(size=(m, n)) / np.sqrt(m), jnp.float32),
+      "bias": jnp.asarray(0.1 * rng.normal(size=(n,)), jnp.float32)}
+          for i, (m, n) in enumerate([(5, 6), (6, 3)])}
+
+
 @functools.lru_cache(maxsize=None)
 def _problem():
-  model = MLP()
+  model = MLP(features=(6, 3))
   batches = [_micro_batches(seed) for seed in (1, 2)]   # two emitting steps
-  params = model.init(jax.random.PRNGKey(0), batches[0][0][0])["params"]
-  return params, mse_loss(model), batches
+  return _params(), mse_loss(model), batches
 
 
 @functools.lru_cache(maxsize=None)
-def _grad_fn(mode: str, scale: float = 1.0):
+def _grad_fn(mode: str):
   """One compiled ``value_and_grad`` per statistics mode, shared by the tests."""
   _, loss, _ = _problem()
-  return jax.jit(eva_optax.value_and_grad(
-      lambda p, x, y: scale * loss(p, x, y), statistics=mode))
+  return jax.jit(eva_optax.value_and_grad(loss, statistics=mode))
 
 
 def _run(tx, mode, accumulate):
@@ -187,6 +195,13 @@ def test_inner_update_runs_only_on_emitting_steps():
     assert len(calls) == expected, wrapper
 
 
+@functools.lru_cache(maxsize=None)
+def _eva():
+  """``(tx, jitted update)`` of plain ``scale_by_eva`` at damping 1e-6, compiled once."""
+  tx = eva_optax.scale_by_eva(damping=1e-6)
+  return tx, jax.jit(tx.update)
+
+
 def _accumulate(ms, micro, mode="vectors"):
   params, _, _ = _problem()
   grad_fn, update = _grad_fn(mode), jax.jit(ms.update)
@@ -197,23 +212,16 @@ def _accumulate(ms, micro, mode="vectors"):
   return updates, state
 
 
-def _single(tx, batch, scale=1.0):
-  params, _, _ = _problem()
-  _, grads, stats = _grad_fn("vectors", scale)(params, *batch)
-  return tx.update(grads, tx.init(params), params, stats=stats)
-
-
 def test_schedule_and_statistics_factor():
-  """every_k_schedule as a function: 4, then 2 micro-steps, each one big step."""
+  """every_k_schedule as a function: 4, then 1 micro-step, each one big step."""
   params, _, batches = _problem()
-  make = lambda: eva_optax.scale_by_eva(damping=1e-6)
-  ms = eva_optax.MultiSteps(make(), lambda step: jnp.where(step == 0, 4, 2))
+  ms = eva_optax.MultiSteps(_eva()[0], lambda step: jnp.where(step == 0, 4, 1))
   update = jax.jit(ms.update)
   state = ms.init(params)
-  ref = make()
-  ref_update, ref_state = jax.jit(ref.update), ref.init(params)
+  ref, ref_update = _eva()
+  ref_state = ref.init(params)
   grad_fn = _grad_fn("vectors")
-  for group in (batches[0], batches[1][1:3]):
+  for group in (batches[0], batches[1][:1]):
     for x, y in group:
       _, grads, stats = grad_fn(params, x, y)
       updates, state = update(grads, state, params, stats=stats)
@@ -225,12 +233,19 @@ def test_schedule_and_statistics_factor():
 
 
 def test_summed_gradients_get_the_statistics_of_the_summed_loss():
-  """use_grad_mean=False: the gradient of sum_i L_i = K * (mean loss), and its statistics."""
-  _, _, batches = _problem()
-  make = lambda: eva_optax.scale_by_eva(damping=1e-6)
+  """use_grad_mean=False: the gradient of sum_i L_i = K * (mean loss), and its statistics.
+
+  Under the loss ``K L`` every dL/dy is K times larger: the gradient is K times
+  the 4x batch's, ``g`` too, ``a`` is unchanged.
+  """
+  params, _, batches = _problem()
+  ref, ref_update = _eva()
   updates, state = _accumulate(
-      eva_optax.MultiSteps(make(), K, use_grad_mean=False), batches[0])
-  ref_updates, ref_state = _single(make(), _concat(batches[0]), scale=float(K))
+      eva_optax.MultiSteps(ref, K, use_grad_mean=False), batches[0])
+  _, grads, stats = _grad_fn("vectors")(params, *_concat(batches[0]))
+  grads = jax.tree.map(lambda g: K * g, grads)
+  stats = {n: st.replace(g=K * st.g) for n, st in stats.items()}
+  ref_updates, ref_state = ref_update(grads, ref.init(params), params, stats=stats)
   assert _max_rel_err(updates, ref_updates) < TOL
   _assert_states_close(state.inner_opt_state, ref_state)
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import flax.linen as nn
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,38 +20,51 @@ CASES = {
 }
 
 
+def _params(seed: int = 0):
+  """Parameters of ``MLP(features=(3,))`` on 5 inputs, drawn in NumPy (eager
+  ``model.init`` compiles its random initialisers: seconds per shape)."""
+  rng = np.random.default_rng(seed)
+  return {f"Dense_{i}": {
+      "kernel": jnp.asarray(rng.normal(size=(m, n)) / np.sqrt(m), jnp.float32),
+      "bias": jnp.asarray(0.1 * rng.normal(size=(n,)), jnp.float32)}
+          for i, (m, n) in enumerate([(5, 3)])}
+
+
+@functools.lru_cache(maxsize=None)
 def _setup():
-  model = MLP()
+  model = MLP(features=(3,))   # one layer: compile time is what these tests cost
   x, y = regression_batch()
-  params = model.init(jax.random.PRNGKey(0), x)["params"]
-  return model, params, x, y
+  return model, _params(), x, y
+
+
+@functools.lru_cache(maxsize=None)
+def _grad_fn(mode):
+  model = _setup()[0]
+  return jax.jit(eva_optax.value_and_grad(mse_loss(model), statistics=mode))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_three_steps_equal_the_plain_optax_loop(name):
   make, mode = CASES[name]
   model, params, x, y = _setup()
-  grad_fn = eva_optax.value_and_grad(mse_loss(model), statistics=mode)
   tx = make()
 
   @jax.jit
-  def plain_step(params, opt_state, x, y):
-    _, grads, stats = grad_fn(params, x, y)
+  def plain_step(params, opt_state, grads, stats):
     updates, opt_state = tx.update(grads, opt_state, params, stats=stats)
     return optax.apply_updates(params, updates), opt_state
 
-  @jax.jit
-  def state_step(state, x, y):
-    _, grads, stats = grad_fn(state.params, x, y)
-    return state.apply_gradients(grads=grads, stats=stats)
+  state_step = jax.jit(lambda state, grads, stats:
+                       state.apply_gradients(grads=grads, stats=stats))
 
   opt_state = tx.init(params)
   state = eva_optax.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
   p = params
   for i in range(3):
-    xi = x + 0.5 * i
-    p, opt_state = plain_step(p, opt_state, xi, y)
-    state = state_step(state, xi, y)
+    _, grads, stats = _grad_fn(mode)(p, x + 0.5 * i, y)
+    p, opt_state = plain_step(p, opt_state, grads, stats)
+    _, grads, stats = _grad_fn(mode)(state.params, x + 0.5 * i, y)
+    state = state_step(state, grads, stats)
   assert int(state.step) == 3
   jax.tree.map(np.testing.assert_array_equal, state.params, p)
   jax.tree.map(np.testing.assert_array_equal, state.opt_state, opt_state)
@@ -61,14 +75,15 @@ def test_three_steps_equal_the_plain_optax_loop(name):
 def test_flax_train_state_drops_the_statistics():
   """What the subclass fixes: Flax's apply_gradients never passes stats to tx."""
   model, params, x, y = _setup()
-  _, grads, stats = eva_optax.value_and_grad(mse_loss(model))(params, x, y)
+  _, grads, stats = _grad_fn("vectors")(params, x, y)
   flax_state = flax_train_state.TrainState.create(
       apply_fn=model.apply, params=params, tx=eva_optax.eva(0.1))
   with pytest.raises(ValueError, match="needs layer statistics"):
     flax_state.apply_gradients(grads=grads, stats=stats)
   ours = eva_optax.TrainState.create(
       apply_fn=model.apply, params=params, tx=eva_optax.eva(0.1))
-  assert int(ours.apply_gradients(grads=grads, stats=stats).step) == 1
+  new = jax.eval_shape(lambda s: s.apply_gradients(grads=grads, stats=stats), ours)
+  assert jax.tree.structure(new) == jax.tree.structure(ours)
 
 
 def test_create_is_flax_create():
@@ -79,8 +94,8 @@ def test_create_is_flax_create():
   assert state.step == 0 and state.tx is tx and state.apply_fn == model.apply
   jax.tree.map(np.testing.assert_array_equal, state.params, params)
   jax.tree.map(np.testing.assert_array_equal, state.opt_state, tx.init(params))
-  assert ([f for f in state.__dataclass_fields__]
-          == [f for f in flax_train_state.TrainState.__dataclass_fields__])
+  assert (list(state.__dataclass_fields__)
+          == list(flax_train_state.TrainState.__dataclass_fields__))
 
 
 class _WithBatchStats(eva_optax.TrainState):
@@ -88,14 +103,17 @@ class _WithBatchStats(eva_optax.TrainState):
 
 
 def test_without_stats_and_extra_fields():
-  """Gradient-only optimizers need no stats; other keywords are replaced as in Flax."""
+  """Optimizers that need no stats get none; other keywords are replaced as in Flax."""
   model, params, x, y = _setup()
-  grads = jax.grad(mse_loss(model))(params, x, y)
-  for tx in (eva_optax.shampoo(0.1), optax.sgd(0.1)):
-    state = _WithBatchStats.create(apply_fn=model.apply, params=params, tx=tx,
-                                   batch_stats={"n": jnp.zeros(())})
-    new = state.apply_gradients(grads=grads, batch_stats={"n": jnp.ones(())})
-    assert int(new.step) == 1 and float(new.batch_stats["n"]) == 1.0
-    # optax.sgd is a plain GradientTransformation: stats are dropped, not an error.
-    again = state.apply_gradients(grads=grads, stats={"unused": 1})
-    jax.tree.map(np.testing.assert_array_equal, again.params, new.params)
+  _, grads, _ = _grad_fn("vectors")(params, x, y)
+  state = _WithBatchStats.create(apply_fn=model.apply, params=params,
+                                 tx=optax.sgd(0.1), batch_stats={"n": jnp.zeros(())})
+  new = state.apply_gradients(grads=grads, batch_stats={"n": jnp.ones(())})
+  assert int(new.step) == 1 and float(new.batch_stats["n"]) == 1.0
+  for key in ("kernel", "bias"):
+    np.testing.assert_allclose(new.params["Dense_0"][key],
+                               params["Dense_0"][key] - 0.1 * grads["Dense_0"][key],
+                               rtol=1e-6, atol=1e-7)
+  # optax.sgd is a plain GradientTransformation: stats are dropped, not an error.
+  again = state.apply_gradients(grads=grads, stats={"unused": 1})
+  jax.tree.map(np.testing.assert_array_equal, again.params, new.params)

@@ -117,3 +117,15 @@ def test_without_stats_and_extra_fields():
   # optax.sgd is a plain GradientTransformation: stats are dropped, not an error.
   again = state.apply_gradients(grads=grads, stats={"unused": 1})
   jax.tree.map(np.testing.assert_array_equal, again.params, new.params)
+
+
+def test_multisteps_object_as_tx_gets_the_statistics():
+  """tx=eva_optax.MultiSteps(...) (an object, not a GradientTransformation) gets stats."""
+  model, params, x, y = _setup()
+  _, grads, stats = _grad_fn("vectors")(params, x, y)
+  tx = eva_optax.MultiSteps(eva_optax.eva(0.1), every_k_schedule=2)
+  state = eva_optax.TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+  new = jax.eval_shape(lambda s: s.apply_gradients(grads=grads, stats=stats), state)
+  assert jax.tree.structure(new) == jax.tree.structure(state)
+  with pytest.raises(ValueError, match="needs layer statistics"):  # what stats avoid
+    jax.eval_shape(lambda s: s.apply_gradients(grads=grads), state)

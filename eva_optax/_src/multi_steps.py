@@ -219,7 +219,8 @@ class MultiSteps:
       should_skip_update_fn: Callable[..., tuple[Any, Any]] | None = None,
       accumulator_dtype: Any = jnp.float32,
   ):
-    if not isinstance(opt, optax.GradientTransformation):
+    if not (callable(getattr(opt, "init", None))
+            and callable(getattr(opt, "update", None))):
       raise TypeError("MultiSteps: opt must be an optax GradientTransformation "
                       f"(e.g. eva_optax.eva(0.1)), got {type(opt).__name__}.")
     if isinstance(every_k_schedule, bool) or not (
@@ -235,7 +236,10 @@ class MultiSteps:
       self._every_k_schedule = lambda step: k
     else:
       self._every_k_schedule = every_k_schedule
-    self._opt = optax.with_extra_args_support(opt)
+    # A plain GradientTransformation ignores extra args (stats); any other
+    # object with init/update (a MultiSteps) gets them.
+    self._opt = (optax.with_extra_args_support(opt)
+                 if isinstance(opt, optax.GradientTransformation) else opt)
     self._use_grad_mean = use_grad_mean
     self._accumulator_dtype = (None if accumulator_dtype is None
                                else jax.dtypes.canonicalize_dtype(accumulator_dtype))
@@ -245,7 +249,7 @@ class MultiSteps:
       self._should_skip_update_fn = should_skip_update_fn
 
   @property
-  def inner_opt(self) -> optax.GradientTransformationExtraArgs:
+  def inner_opt(self) -> Any:
     """The wrapped optimizer."""
     return self._opt
 

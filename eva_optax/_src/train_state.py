@@ -29,8 +29,10 @@ class TrainState(train_state.TrainState):
   ``stats["params"]``, like the gradients). ``stats=None`` (or omitted) calls
   ``tx.update`` without them, as Flax does, for optimizers that need none
   (Eva-s, Shampoo, optax's own); a plain ``optax.GradientTransformation``
-  given ``stats`` ignores them. It is a pytree like Flax's, so it can be
-  jitted, donated and checkpointed with orbax as usual.
+  given ``stats`` ignores them. ``tx`` may also be a
+  :class:`eva_optax.MultiSteps` object (or its ``gradient_transformation()``).
+  It is a pytree like Flax's, so it can be jitted, donated and checkpointed
+  with orbax as usual.
 
   Attributes:
     step: ``apply_gradients`` calls so far (0 after ``create``).
@@ -87,7 +89,9 @@ class TrainState(train_state.TrainState):
       if owg and isinstance(stats, Mapping) and "params" in stats:
         stats = stats["params"]
       extra["stats"] = stats
-    tx = optax.with_extra_args_support(self.tx)
+    tx = self.tx
+    if isinstance(tx, optax.GradientTransformation):  # a plain one drops stats
+      tx = optax.with_extra_args_support(tx)           # (else: MultiSteps objects)
     updates, new_opt_state = tx.update(
         grads_with_opt, self.opt_state, params_with_opt, **extra)
     new_params_with_opt = optax.apply_updates(params_with_opt, updates)

@@ -6,6 +6,7 @@ Please don't use symbols in ``eva_optax._src``: they are not part of the public 
 from eva_optax._src.adaptive import AdaptiveState
 from eva_optax._src.adaptive import adaptive
 from eva_optax._src.capture import STATISTICS
+from eva_optax._src.capture import layer_views
 from eva_optax._src.capture import value_and_grad
 from eva_optax._src.describe import describe
 from eva_optax._src.eva import eva
@@ -48,6 +49,7 @@ __all__ = (
     "eva_s",
     "foof",
     "kfac",
+    "layer_views",
     "scale_by_eva",
     "scale_by_eva_f",
     "scale_by_eva_s",

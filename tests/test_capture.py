@@ -278,10 +278,13 @@ def test_module_called_twice_pools_rows():
   _close(layer_view(grads["Dense_0"]), xs.T @ dys)
 
 
-def test_module_called_twice_rows_mode_raises():
-  params, loss_fn, _, _ = _shared_problem()
-  with pytest.raises(ValueError, match="Dense_0"):
-    eva_optax.value_and_grad(loss_fn, statistics="rows")(params)
+def test_module_called_twice_rows_mode_concatenates_the_calls():
+  params, loss_fn, (x1, x2), (dy1, dy2) = _shared_problem()
+  _, grads, stats = eva_optax.value_and_grad(loss_fn, statistics="rows")(params)
+  st = stats["Dense_0"]
+  _close(st.a_rows, with_one(np.concatenate([to64(x1), to64(x2)])))
+  _close(st.g_rows, np.concatenate([to64(dy1), to64(dy2)]))
+  _close(to64(st.a_rows).T @ to64(st.g_rows), layer_view(grads["Dense_0"]))
 
 
 def test_unknown_statistics_mode_raises():

@@ -34,9 +34,6 @@ import eva_optax
 KNOWN_INCOMPLETE = {
     # The states (eva_optax/_src/layerwise.py, adaptive.py).
     "AdaptiveState": "fields undocumented (no Attributes)",
-    "LayerwiseState": "fields undocumented (no Attributes), no References or pointer",
-    # The capture (eva_optax/_src/statistics.py).
-    "LayerStatistics": "fields listed as bullets, not as Attributes; no References or pointer",
 }
 
 _SECTION = re.compile(r"^(\w[\w ]*):\s*$")

@@ -1,4 +1,7 @@
-"""Eva-s against a dense float64 NumPy reference, plus its state contract."""
+"""Eva-s against a dense float64 NumPy reference, plus its state contract.
+
+Numerics and run-time safety shared with Shampoo are in test_per_tensor_safety.py.
+"""
 
 from __future__ import annotations
 
@@ -22,15 +25,24 @@ def _grads(shape, steps, seed=0):
 
 
 def _run(tx, grads, params=None):
-  """Applies ``tx`` to each gradient tree in turn (jitted, strict promotion)."""
+  """Applies ``tx`` to each gradient tree in turn (strict promotion).
+
+  Eagerly: the compiled primitives are shared by all the tests, which is much
+  cheaper than compiling one update per test (tests/test_contract.py jits).
+  """
   state = tx.init(grads[0] if params is None else params)
-  update = jax.jit(tx.update)
+  update = tx.update
   outs = []
   with jax.numpy_rank_promotion("raise"), jax.numpy_dtype_promotion("strict"):
     for g in grads:
       u, state = update(g, state, params, stats={"ignored": 1.0})
       outs.append(u)
   return outs, state
+
+
+def _vectors(leaf_state):
+  """``[s_0, ..., s_{r-1}]`` of one leaf's state (a dict keyed by axis)."""
+  return [leaf_state[f"axis_{i}"] for i in range(len(leaf_state))]
 
 
 def _np_means(t):
@@ -54,15 +66,17 @@ def _np_vectors(grads, stat_decay, stats_every=1):
   return vs
 
 
-def _np_eva_s(t, vectors, damping):
-  """Dense ``(u u^T + damping I)^{-1} vec(T)`` with ``u = kron(s_i)``, rescaled."""
+def _np_eva_s(t, vectors, damping, size=None):
+  """Dense ``(u u^T + damping I)^{-1} vec(T)`` with ``u = kron(s_i)``, rescaled
+  to ``size`` (default ``|T|``, SGD grafting)."""
   t = t.astype(np.float64)
   u = vectors[0]
   for v in vectors[1:]:
     u = np.kron(u, v)
   f = np.outer(u, u) + damping * np.eye(u.size)
   p = np.linalg.solve(f, t.ravel()).reshape(t.shape)
-  return p * np.linalg.norm(t) / np.linalg.norm(p)
+  size = np.linalg.norm(t) if size is None else size
+  return p * size / np.linalg.norm(p)
 
 
 def _rel(a, b):
@@ -80,9 +94,21 @@ def test_matches_dense_solve(shape, stat_decay):
     ref = _np_eva_s(grads[steps - 1], _np_vectors(grads[:steps], stat_decay),
                     DAMPING)
     assert _rel(outs[steps - 1], ref) < RTOL
-  for got, want in zip(state.vectors, _np_vectors(grads, stat_decay)):
+  for got, want in zip(_vectors(state.vectors), _np_vectors(grads, stat_decay)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   assert int(state.count) == 3 and int(state.stats_count) == 3
+
+
+def test_closed_forms_agree():
+  # The plain Sherman-Morrison form and the rearranged direction agree where
+  # both are accurate (moderate mu / gamma).
+  t = jnp.asarray(_grads((3, 3, 2, 4), 1)[0])
+  vs = [jnp.asarray(v, jnp.float32) for v in _np_means(np.asarray(t))]
+  plain = eva_s_lib.eva_s_solve(t, vs, jnp.float32(DAMPING))
+  direction = eva_s_lib.eva_s_direction(t, vs, jnp.float32(DAMPING))
+  scale = float(jnp.vdot(plain, direction) / jnp.vdot(direction, direction))
+  assert scale > 0
+  assert _rel(scale * np.asarray(direction), plain) < 1e-5
 
 
 def test_rank_one_term_acts():
@@ -93,13 +119,14 @@ def test_rank_one_term_acts():
 
 
 def test_stats_every():
-  grads = _grads((4, 3), 3)
+  grads = _grads((5, 3), 3)
   tx = eva_s_lib.scale_by_eva_s(DAMPING, stats_every=2)
   outs, state = _run(tx, [jnp.asarray(g) for g in grads])
   # Statistics at steps 0 and 2 only; step 1 uses the step-0 vectors.
   ref = _np_eva_s(grads[1], _np_vectors(grads[:1], None), DAMPING)
   assert _rel(outs[1], ref) < RTOL
-  for got, want in zip(state.vectors, _np_vectors(grads, None, stats_every=2)):
+  for got, want in zip(_vectors(state.vectors),
+                       _np_vectors(grads, None, stats_every=2)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   assert int(state.stats_count) == 2
 
@@ -120,23 +147,39 @@ def test_pass_through_and_state_bytes():
   assert nbytes == 4 * ((5 + 3) + (3 + 3 + 2 + 4)) + 5 * 4
 
 
-def test_nonfinite_gradient_keeps_state_finite():
-  grads = [jnp.asarray(g) for g in _grads((4, 3), 3)]
-  bad = grads[1].at[0, 0].set(jnp.nan)
-  tx = eva_s_lib.scale_by_eva_s(DAMPING)
-  outs, state = _run(tx, [grads[0], bad, grads[2]])
-  assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state))
-  assert int(state.nonfinite_count) == 1 and int(state.stats_count) == 2
-  assert bool(jnp.all(jnp.isfinite(outs[2])))
-  want = _np_vectors([np.asarray(grads[0]), np.asarray(grads[2])], None)
-  for got, w in zip(state.vectors, want):
-    np.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("graft", ["adagrad", "rmsprop"])
+def test_grafts_match_reference(graft):
+  beta, eps = 0.9, 1e-3
+  params = {"w": jnp.zeros((5, 3)), "b": jnp.zeros((3,))}
+  raw = [{"w": g, "b": g[0]} for g in _grads((5, 3), 3, seed=3)]
+  tx = eva_s_lib.scale_by_eva_s(DAMPING, graft=graft, graft_decay=beta,
+                                graft_eps=eps)
+  outs, state = _run(tx, [jax.tree.map(jnp.asarray, g) for g in raw], params)
+  acc = {"w": np.zeros((5, 3)), "b": np.zeros(3)}
+  for step, g in enumerate(raw):
+    graft_step = {}
+    for k in ("w", "b"):
+      x = g[k].astype(np.float64)
+      if graft == "adagrad":
+        acc[k] = acc[k] + x * x
+        graft_step[k] = x / (np.sqrt(acc[k]) + eps)
+      else:
+        acc[k] = beta * acc[k] + (1 - beta) * x * x
+        graft_step[k] = x / (np.sqrt(acc[k] / (1 - beta ** (step + 1))) + eps)
+    # The bias gets the graft's step; the kernel its direction at that norm.
+    np.testing.assert_allclose(outs[step]["b"], graft_step["b"], rtol=1e-5)
+    ref = _np_eva_s(raw[step]["w"],
+                    _np_vectors([r["w"] for r in raw[:step + 1]], None),
+                    DAMPING, size=np.linalg.norm(graft_step["w"]))
+    assert _rel(outs[step]["w"], ref) < RTOL
+  # The state keeps the roots of the second moments.
+  np.testing.assert_allclose(state.graft["w"], np.sqrt(acc["w"]), rtol=1e-5)
 
 
 def test_bf16_updates_float32_state():
-  params = {"kernel": jnp.zeros((4, 3), jnp.bfloat16),
+  params = {"kernel": jnp.zeros((5, 3), jnp.bfloat16),
             "bias": jnp.zeros((3,), jnp.bfloat16)}
-  grads = {"kernel": jnp.asarray(_grads((4, 3), 1)[0], jnp.bfloat16),
+  grads = {"kernel": jnp.asarray(_grads((5, 3), 1)[0], jnp.bfloat16),
            "bias": jnp.ones((3,), jnp.bfloat16)}
   (u,), state = _run(eva_s_lib.eva_s(0.1, weight_decay=1e-4), [grads], params)
   assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(u))
@@ -145,7 +188,7 @@ def test_bf16_updates_float32_state():
 
 
 def test_alias_is_single_heavy_ball():
-  grads = [{"w": jnp.asarray(g)} for g in _grads((4, 3), 2)]
+  grads = [{"w": jnp.asarray(g)} for g in _grads((5, 3), 2)]
   pre, _ = _run(eva_s_lib.scale_by_eva_s(DAMPING), grads)
   full, _ = _run(eva_s_lib.eva_s(0.1, momentum=0.9, damping=DAMPING), grads)
   np.testing.assert_allclose(full[0]["w"], -0.1 * pre[0]["w"], rtol=1e-6)
@@ -154,8 +197,9 @@ def test_alias_is_single_heavy_ball():
 
 
 @pytest.mark.parametrize("kwargs", [
-    {"damping": 0.0}, {"damping": -1.0}, {"stat_decay": 1.5},
-    {"stat_decay": -0.1}, {"stats_every": 0}])
+    {"damping": 0.0}, {"damping": -1.0}, {"damping": float("inf")},
+    {"stat_decay": 1.5}, {"stat_decay": -0.1}, {"stats_every": 0},
+    {"graft": "adam"}, {"graft_decay": 1.5}, {"graft_eps": -1.0}])
 def test_bad_hyperparameters(kwargs):
   with pytest.raises(ValueError, match=next(iter(kwargs))):
     eva_s_lib.scale_by_eva_s(**kwargs)
@@ -168,11 +212,13 @@ def test_bad_alias_hyperparameters():
     eva_s_lib.eva_s(0.1, momentum=1.5)
   with pytest.raises(ValueError, match="weight_decay"):
     eva_s_lib.eva_s(0.1, weight_decay=-1.0)
+  with pytest.raises(TypeError, match="graft_eps"):
+    eva_s_lib.eva_s(0.1, graft_eps=lambda c: 1e-8)
 
 
 def test_works_inside_optax_chain_with_schedule():
   tx = optax.chain(eva_s_lib.scale_by_eva_s(damping=lambda c: 0.05,
                                             stat_decay=lambda c: 0.9),
                    optax.scale(-0.1))
-  outs, _ = _run(tx, [{"w": jnp.asarray(g)} for g in _grads((4, 3), 2)])
+  outs, _ = _run(tx, [{"w": jnp.asarray(g)} for g in _grads((5, 3), 2)])
   assert bool(jnp.all(jnp.isfinite(outs[1]["w"])))

@@ -25,9 +25,13 @@ def _grads(shape, steps, seed=0):
 
 
 def _run(tx, grads, params=None):
-  """Applies ``tx`` to each gradient tree in turn; returns updates and states."""
+  """Applies ``tx`` to each gradient tree in turn; returns updates and states.
+
+  Eagerly: the compiled primitives are shared by all the tests, which is much
+  cheaper than compiling one update per test (tests/test_contract.py jits).
+  """
   state = tx.init(grads[0] if params is None else params)
-  update = jax.jit(tx.update)
+  update = tx.update
   outs, states = [], []
   with jax.numpy_rank_promotion("raise"), jax.numpy_dtype_promotion("strict"):
     for g in grads:
@@ -35,6 +39,12 @@ def _run(tx, grads, params=None):
       outs.append(u)
       states.append(state)
   return outs, states
+
+
+def _true(blocks, key):
+  """The statistic ``key`` at its true scale: ``exp(log tr) * (M / tr)``."""
+  return (np.exp(np.asarray(blocks["log_scale"], np.float64))[:, None, None]
+          * np.asarray(blocks[key], np.float64))
 
 
 def _rel(a, b):
@@ -96,8 +106,10 @@ def test_single_block_matches_reference(shape, stat_decay):
   # One block; the statistics are the plain sums / averages of the 2-D view.
   left, right = _np_stats([g.reshape(-1, shape[-1]).astype(np.float64)
                            for g in grads], stat_decay)
-  np.testing.assert_allclose(states[-1].blocks["L"][0], left, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(states[-1].blocks["R"][0], right, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(_true(states[-1].blocks, "L")[0], left, rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(_true(states[-1].blocks, "R")[0], right, rtol=1e-5,
+                             atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(10, 6), (9, 4)])
@@ -119,7 +131,7 @@ def test_blocked_matches_per_block_reference(shape):
 
 def test_roots_refresh_every_k_steps():
   k = 3
-  grads = _grads((5, 5), 5, seed=2)
+  grads = _grads((6, 4), 5, seed=2)
   tx = shampoo_lib.scale_by_shampoo(inverse_every=k, start_preconditioning_step=0,
                                     matrix_eps=EPS)
   outs, states = _run(tx, [jnp.asarray(g) for g in grads])
@@ -137,11 +149,12 @@ def test_roots_refresh_every_k_steps():
   assert _rel(outs[2], _np_shampoo(grads[2], grads[:1], 128, EPS)) < RTOL
   assert _rel(outs[3], _np_shampoo(grads[3], grads[:4], 128, EPS)) < RTOL
   left, _ = _np_stats([g.astype(np.float64) for g in grads[:3]], None)
-  np.testing.assert_allclose(states[2].blocks["L"][0], left, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(_true(states[2].blocks, "L")[0], left, rtol=1e-5,
+                             atol=1e-5)
 
 
 def test_start_preconditioning_and_stats_every():
-  grads = _grads((4, 3), 3, seed=3)
+  grads = _grads((6, 4), 3, seed=3)
   tx = shampoo_lib.scale_by_shampoo(start_preconditioning_step=2, stats_every=2,
                                     matrix_eps=EPS)
   outs, states = _run(tx, [jnp.asarray(g) for g in grads])
@@ -165,24 +178,28 @@ def test_pass_through_and_state_bytes():
     for k in path:
       got, want = got[k], want[k]
     np.testing.assert_array_equal(got, want)
-  # Per block: 2 statistics + 2 roots, float32. dense (10, 6): 3 x 2 blocks of
-  # 4 x 4; conv viewed (18, 4): 5 x 1 blocks of 4 x 4; plus five int32 counters.
-  dense = 3 * 2 * 2 * (4 * 4 + 4 * 4)
-  conv = 5 * 1 * 2 * (4 * 4 + 4 * 4)
+  # Per block: 2 statistics + 2 roots + 2 log-traces, float32. dense (10, 6):
+  # 3 x 2 blocks of 4 x 4; conv viewed (18, 4): 5 x 1 blocks of 4 x 4; plus
+  # five int32 counters.
+  dense = 3 * 2 * (2 * (4 * 4 + 4 * 4) + 2)
+  conv = 5 * 1 * (2 * (4 * 4 + 4 * 4) + 2)
   nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
   assert nbytes == 4 * (dense + conv) + 5 * 4
   # Without blocking a side is its own length: (10, 6) -> 2 (10^2 + 6^2).
   state = shampoo_lib.scale_by_shampoo().init({"w": jnp.zeros((10, 6))})
-  assert sum(x.nbytes for x in jax.tree.leaves(state)) == 4 * 2 * (100 + 36) + 20
+  assert sum(x.nbytes for x in jax.tree.leaves(state)) == 4 * (
+      2 * (100 + 36) + 2) + 20
 
 
 def test_nonfinite_gradient_keeps_state_finite():
-  grads = [jnp.asarray(g) for g in _grads((5, 4), 3, seed=4)]
+  grads = [jnp.asarray(g) for g in _grads((6, 4), 3, seed=4)]
   bad = grads[1].at[2, 1].set(jnp.inf)
   tx = shampoo_lib.scale_by_shampoo(block_size=3, start_preconditioning_step=0,
                                     matrix_eps=EPS)
   outs, states = _run(tx, [grads[0], bad, grads[2]])
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(states[-1]))
+  np.testing.assert_array_equal(outs[1], 0.0)   # the bad step is skipped
+  assert int(states[-1].skipped_count) == 1
   assert int(states[-1].nonfinite_count) == 1
   assert int(states[-1].stats_count) == 2
   ref = _np_shampoo(np.asarray(grads[2]), [grads[0], grads[2]], 3, EPS)
@@ -200,10 +217,10 @@ def test_zero_gradient_block_stays_finite():
 
 
 def test_bf16_updates_float32_state():
-  params = {"kernel": jnp.zeros((5, 3), jnp.bfloat16),
-            "bias": jnp.zeros((3,), jnp.bfloat16)}
-  grads = {"kernel": jnp.asarray(_grads((5, 3), 1)[0], jnp.bfloat16),
-           "bias": jnp.ones((3,), jnp.bfloat16)}
+  params = {"kernel": jnp.zeros((6, 4), jnp.bfloat16),
+            "bias": jnp.zeros((4,), jnp.bfloat16)}
+  grads = {"kernel": jnp.asarray(_grads((6, 4), 1)[0], jnp.bfloat16),
+           "bias": jnp.ones((4,), jnp.bfloat16)}
   (u,), (state,) = _run(shampoo_lib.shampoo(0.1, weight_decay=1e-4,
                                             start_preconditioning_step=0),
                         [grads], params)
@@ -212,7 +229,7 @@ def test_bf16_updates_float32_state():
 
 
 def test_alias_is_single_heavy_ball():
-  grads = [{"w": jnp.asarray(g)} for g in _grads((4, 3), 2)]
+  grads = [{"w": jnp.asarray(g)} for g in _grads((6, 4), 2)]
   pre, _ = _run(shampoo_lib.scale_by_shampoo(), grads)
   full, _ = _run(shampoo_lib.shampoo(0.1, momentum=0.9), grads)
   np.testing.assert_allclose(full[0]["w"], -0.1 * pre[0]["w"], rtol=1e-6)
@@ -220,10 +237,41 @@ def test_alias_is_single_heavy_ball():
       full[1]["w"], -0.1 * (0.9 * pre[0]["w"] + pre[1]["w"]), rtol=1e-5)
 
 
+def test_adagrad_graft_matches_reference():
+  eps = 1e-3
+  params = {"w": jnp.zeros((6, 4)), "b": jnp.zeros((4,))}
+  raw = [{"w": g, "b": g[0]} for g in _grads((6, 4), 3, seed=6)]
+  tx = shampoo_lib.scale_by_shampoo(EPS, start_preconditioning_step=0,
+                                    graft="adagrad", graft_eps=eps)
+  outs, _ = _run(tx, [jax.tree.map(jnp.asarray, g) for g in raw], params)
+  acc = {"w": 0.0, "b": 0.0}
+  for step, g in enumerate(raw):
+    size = {}
+    for k in ("w", "b"):
+      x = g[k].astype(np.float64)
+      acc[k] = acc[k] + x * x
+      size[k] = x / (np.sqrt(acc[k]) + eps)
+    np.testing.assert_allclose(outs[step]["b"], size["b"], rtol=1e-5)
+    ref = _np_shampoo(raw[step]["w"], [r["w"] for r in raw[:step + 1]], 128, EPS)
+    ref *= np.linalg.norm(size["w"]) / np.linalg.norm(ref)
+    assert _rel(outs[step]["w"], ref) < RTOL
+
+
+def test_positional_order():
+  grads = [{"w": jnp.asarray(g)} for g in _grads((6, 4), 2, seed=7)]
+  by_name, _ = _run(shampoo_lib.shampoo(0.1, 0.5, 0.0, matrix_eps=1e-3,
+                                        stat_decay=0.9), grads)
+  by_position, _ = _run(shampoo_lib.shampoo(0.1, 0.5, 0.0, 1e-3, 0.9), grads)
+  np.testing.assert_array_equal(by_name[1]["w"], by_position[1]["w"])
+  with pytest.raises(TypeError):
+    shampoo_lib.shampoo(0.1, 0.5, 0.0, 1e-3, 0.9, 128)   # block_size: keyword
+
+
 @pytest.mark.parametrize("kwargs", [
     {"stat_decay": 1.5}, {"block_size": 0}, {"matrix_eps": 0.0},
-    {"matrix_eps": -1e-6}, {"inverse_every": 0}, {"stats_every": 0},
-    {"start_preconditioning_step": -1}])
+    {"matrix_eps": -1e-6}, {"matrix_eps": float("nan")}, {"inverse_every": 0},
+    {"stats_every": 0}, {"start_preconditioning_step": -1}, {"graft": "adam"},
+    {"graft_decay": 2.0}])
 def test_bad_hyperparameters(kwargs):
   with pytest.raises(ValueError, match=next(iter(kwargs))):
     shampoo_lib.scale_by_shampoo(**kwargs)

@@ -78,7 +78,8 @@ def fold_statistics(state: Any, old: Any, new: Any, stat_decay: Any,
 
 def advance_counters(state: Any, due: jax.Array, finite: jax.Array, *,
                      skipped: Any = False,
-                     invalid_hparam: Any = False) -> dict[str, jax.Array]:
+                     invalid_hparam: Any = False,
+                     folded: Any = None) -> dict[str, jax.Array]:
   """The counters after one update.
 
   Args:
@@ -89,12 +90,15 @@ def advance_counters(state: Any, due: jax.Array, finite: jax.Array, *,
       result).
     invalid_hparam: whether a run-time hyperparameter was invalid (the step
       was skipped and no statistics were folded in).
+    folded: whether statistics were folded in, where that is not simply
+      ``due and finite`` (a step skipped for its gradient folds nothing).
   """
   i32 = lambda b: jnp.asarray(b).astype(jnp.int32)
   ok_hp = jnp.logical_not(invalid_hparam)
   return {
       "count": optax.safe_increment(state.count),
-      "stats_count": state.stats_count + i32(due & finite & ok_hp),
+      "stats_count": state.stats_count + i32(
+          (due & finite if folded is None else folded) & ok_hp),
       "nonfinite_count": state.nonfinite_count + i32(due & ~finite & ok_hp),
       "skipped_count": state.skipped_count + i32(jnp.logical_and(skipped, ok_hp)),
       "invalid_hparam_count": state.invalid_hparam_count + i32(invalid_hparam),

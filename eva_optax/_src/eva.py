@@ -18,28 +18,50 @@ from __future__ import annotations
 
 from typing import Any
 
+import chex
 import optax
 
 from eva_optax._src import layerwise
 from eva_optax._src import linalg
 from eva_optax._src import training_chain
+from eva_optax._src import validation
 
 EVA = layerwise.Method(
     name="eva", statistics="vectors", stat_keys=("a", "g"),
-    solve=lambda s, k, b, gamma: linalg.eva_solve(k, b, s["a"], s["g"], gamma))
+    solve=lambda s, k, b, gamma, view: linalg.eva_solve(
+        k, b, s["a"], s["g"], gamma))
 
 EVA_F = layerwise.Method(
     name="eva_f", statistics="vectors", stat_keys=("a",),
-    solve=lambda s, k, b, gamma: linalg.eva_f_solve(k, b, s["a"], gamma))
+    solve=lambda s, k, b, gamma, view: linalg.eva_f_solve(k, b, s["a"], gamma))
+
+
+def _check(name: str, damping: Any, stat_decay: Any, stats_every: Any,
+           kl_clip: Any, kl_normalize: Any) -> None:
+  """Eager checks under the names the user wrote (before the shared core's)."""
+  validation.check_positive(
+      "damping", damping,
+      fix=f"{name} inverts v v^T + damping * I; the paper uses 0.03.")
+  validation.check_unit_interval(
+      "stat_decay", stat_decay,
+      fix="It is the weight of the NEW statistic (the paper's 0.95).")
+  validation.check_interval("stats_every", stats_every)
+  if kl_clip is not None:
+    validation.check_not_schedule("kl_clip", kl_clip)
+    validation.check_positive("kl_clip", kl_clip,
+                              fix="The paper's KL-clip uses kappa = 0.001.")
+  if kl_normalize is not None and not isinstance(kl_normalize, bool):
+    raise TypeError(f"kl_normalize must be True, False or None, got "
+                    f"kl_normalize={kl_normalize!r}.")
 
 
 def scale_by_eva(
-    damping: Any = 0.03,
-    stat_decay: Any = 0.95,
+    damping: optax.ScalarOrSchedule = 0.03,
+    stat_decay: optax.ScalarOrSchedule = 0.95,
     *,
     kl_clip: float | None = None,
     kl_normalize: bool = False,
-    learning_rate: Any = None,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     stats_every: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   """Eva's preconditioning only (no momentum, weight decay or learning rate).
@@ -52,27 +74,42 @@ def scale_by_eva(
       = \\frac{1}{\\gamma}\\Big[\\hat G - \\frac{a^T\\hat G g}{\\gamma + \\|a\\|^2\\|g\\|^2} a g^T\\Big],
     \\qquad v = a \\otimes g.
 
-  By default ``U`` is returned as is (``1/gamma`` included). ``kl_clip=kappa``
-  applies the ICLR KL-clip ``min(1, sqrt(kappa / (lr^2 sum <U, G_hat>)))`` (needs
+  By default ``U`` is returned as is. ``kl_clip=kappa`` applies the ICLR
+  KL-clip ``min(1, sqrt(kappa / (lr^2 sum <U, G_hat>)))`` (needs
   ``learning_rate``); ``kl_normalize=True`` the journal KL-normalization
   ``sqrt(gamma) U / sqrt(sum <U, G_hat>)``. Both sum over captured layers only.
-  Parameters without statistics keep their gradient. See :func:`eva_optax.eva`.
+  Parameters without statistics keep their gradient.
+
+  How the scale relates to the alias: the raw ``U`` includes the factor
+  ``1/gamma`` (about 33 times the gradient at the paper's ``gamma = 0.03``, when
+  the rank-one term is small), so use it with a learning rate scaled to match;
+  :func:`eva_optax.eva` uses the KL-normalization by default, which removes it
+  (its step does not depend on ``gamma``'s size), or the KL-clip, which bounds
+  it.
 
   Args:
-    damping: ``gamma > 0``, on the whole Kronecker product (float or schedule).
-    stat_decay: weight of the NEW statistic in the running averages,
-      ``m <- (1 - stat_decay) m + stat_decay new`` (the paper's 0.95); the
-      first observation initialises them. Float or schedule.
-    kl_clip: ``kappa`` of the ICLR KL-clip, or ``None``.
+    damping: ``gamma > 0``, on the whole Kronecker product (a number, an array
+      or a schedule).
+    stat_decay: weight in ``[0, 1]`` of the NEW statistic in the running
+      averages, ``m <- (1 - stat_decay) m + stat_decay new`` (the paper's
+      0.95); the first observation initialises them. A number or a schedule.
+    kl_clip: ``kappa > 0`` of the ICLR KL-clip, or ``None``.
     kl_normalize: apply the journal KL-normalization.
-    learning_rate: the optimizer's learning rate (float or schedule); only the
-      KL-clip uses it.
+    learning_rate: the optimizer's learning rate (a number or a schedule); only
+      the KL-clip uses it.
     stats_every: fold statistics into the averages every this many steps.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``update`` takes
     ``stats=`` from :func:`eva_optax.value_and_grad`.
+
+  References:
+    Zhang et al., `Eva: Practical Second-order Optimization with
+    Kronecker-vectorized Approximation <https://openreview.net/forum?id=_Mic8V96Voy>`_,
+    ICLR 2023; its journal version, "Eva: A General Vectorized Approximation
+    Framework for Second-order Optimization" (KL-normalization).
   """
+  _check("Eva", damping, stat_decay, stats_every, kl_clip, kl_normalize)
   return layerwise.layerwise_preconditioner(
       EVA, damping=damping, stat_decay=stat_decay, stats_every=stats_every,
       refresh_every=1,
@@ -81,12 +118,12 @@ def scale_by_eva(
 
 
 def scale_by_eva_f(
-    damping: Any = 0.03,
-    stat_decay: Any = 0.95,
+    damping: optax.ScalarOrSchedule = 0.03,
+    stat_decay: optax.ScalarOrSchedule = 0.95,
     *,
     kl_clip: float | None = None,
     kl_normalize: bool = False,
-    learning_rate: Any = None,
+    learning_rate: optax.ScalarOrSchedule | None = None,
     stats_every: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   """Eva-f's preconditioning only: ``U = (a a^T + gamma I)^{-1} G_hat``.
@@ -94,10 +131,37 @@ def scale_by_eva_f(
   .. math::
     U = \\frac{1}{\\gamma}\\Big[\\hat G - \\frac{a (a^T \\hat G)}{\\gamma + \\|a\\|^2}\\Big]
 
-  (the paper's ``G_hat (a a^T + gamma I)^{-1}`` in its ``(d_out, d_in)`` view).
-  Arguments as in :func:`scale_by_eva`; only ``a`` is averaged.
-  See :func:`eva_optax.eva_f`.
+  (the paper's ``G_hat (a a^T + gamma I)^{-1}`` in its ``(d_out, d_in)`` view,
+  with ``a`` the running average of the layer's mean input, bias entry 1).
+  Only ``a`` is averaged. Scalings as in :func:`scale_by_eva`: none by default,
+  the ICLR KL-clip with ``kl_clip``, the journal KL-normalization with
+  ``kl_normalize=True``.
+
+  How the scale relates to the alias: the raw ``U`` includes ``1/gamma``;
+  :func:`eva_optax.eva_f` uses the KL-normalization by default, which removes
+  it.
+
+  Args:
+    damping: ``gamma > 0`` (a number, an array or a schedule).
+    stat_decay: weight in ``[0, 1]`` of the NEW statistic in the running
+      average of ``a`` (the paper's 0.95); a number or a schedule.
+    kl_clip: ``kappa > 0`` of the ICLR KL-clip, or ``None``.
+    kl_normalize: apply the journal KL-normalization.
+    learning_rate: the optimizer's learning rate, for the KL-clip only.
+    stats_every: fold statistics into the average every this many steps.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`; ``update`` takes
+    ``stats=`` from :func:`eva_optax.value_and_grad`.
+
+  References:
+    Zhang et al., "Eva: A General Vectorized Approximation Framework for
+    Second-order Optimization" (the journal version of `Eva: Practical
+    Second-order Optimization with Kronecker-vectorized Approximation
+    <https://openreview.net/forum?id=_Mic8V96Voy>`_, ICLR 2023), section
+    "Eva-f".
   """
+  _check("Eva-f", damping, stat_decay, stats_every, kl_clip, kl_normalize)
   return layerwise.layerwise_preconditioner(
       EVA_F, damping=damping, stat_decay=stat_decay, stats_every=stats_every,
       refresh_every=1,
@@ -106,41 +170,54 @@ def scale_by_eva_f(
 
 
 def eva(
-    learning_rate: Any,
-    momentum: Any = 0.9,
-    weight_decay: Any = 0.0,
-    damping: Any = 0.03,
-    stat_decay: Any = 0.95,
+    learning_rate: optax.ScalarOrSchedule,
+    momentum: chex.Numeric | None = 0.9,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    damping: optax.ScalarOrSchedule = 0.03,
+    stat_decay: optax.ScalarOrSchedule = 0.95,
     *,
     kl_clip: float | None = None,
     kl_normalize: bool | None = None,
     stats_every: int = 1,
     nesterov: bool = False,
+    weight_decay_mask: Any = None,
+    mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Eva, trained the way the paper trains it.
 
   ``chain(scale_by_eva, add_decayed_weights(weight_decay), trace(momentum),
   scale_by_learning_rate(learning_rate))``: the preconditioned gradient, then
   weight decay (never preconditioned), heavy-ball momentum and the learning rate,
-  as the authors' ``preconditioner.step(); torch.optim.SGD.step()``.
+  as the authors' ``preconditioner.step(); torch.optim.SGD.step()``:
 
-  Scaling: by default the journal KL-normalization (the version of Eva this
-  library implements, and the one whose scale does not depend on the learning
-  rate, so it works unchanged with any schedule). ``kl_clip=0.001`` selects the
-  ICLR 2023 KL-clip instead, the setting behind the ICLR tables (its ``lr`` is
-  this optimizer's learning rate, schedule included); ``kl_normalize=False`` with
-  no ``kl_clip`` gives the raw ``F^{-1} G_hat``.
+  .. math::
+    d_t = s_t\\,(v v^T + \\gamma I)^{-1}\\hat G_t + \\lambda_t w_t, \\quad
+    m_t = \\mu m_{t-1} + d_t, \\quad w_{t+1} = w_t - \\eta_t m_t,
+
+  with ``s_t`` the scaling over all captured layers. By default it is the
+  journal KL-normalization (the version of Eva this library implements, and the
+  one whose scale does not depend on the learning rate, so it works unchanged
+  with any schedule). ``kl_clip=0.001`` selects the ICLR 2023 KL-clip instead,
+  the setting behind the ICLR tables (its ``lr`` is this optimizer's learning
+  rate, schedule included); ``kl_normalize=False`` with no ``kl_clip`` gives the
+  raw ``F^{-1} G_hat`` (with its ``1/gamma``).
 
   Args:
-    learning_rate: float or optax schedule.
-    momentum: heavy-ball momentum (0.9 in the paper); 0 for none.
-    weight_decay: added after preconditioning (5e-4 on CIFAR in the paper).
+    learning_rate: ``eta``, a number, an array or an optax schedule.
+    momentum: heavy-ball ``mu`` (0.9 in the paper); ``None`` for no momentum
+      and no buffer, as ``optax.sgd`` (0 keeps a buffer that has no effect).
+    weight_decay: ``lambda`` added after preconditioning (5e-4 on CIFAR in the
+      paper); a number, an array or a schedule.
     damping: ``gamma`` (0.03 in the paper).
     stat_decay: weight of the new statistic (0.95 in the paper).
     kl_clip: ``kappa`` of the ICLR KL-clip (0.001 in the paper), or ``None``.
     kl_normalize: journal KL-normalization; ``None`` means "unless kl_clip".
     stats_every: statistics refresh interval in steps (1 in the paper).
     nesterov: Nesterov momentum instead of heavy ball.
+    weight_decay_mask: which leaves are decayed, as ``optax.adamw(mask=...)``:
+      a tree of booleans like the params (or a prefix), or a callable of the
+      params returning one; ``None`` decays all.
+    mu_dtype: dtype of the momentum buffer (``None``: the parameters').
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -165,28 +242,66 @@ def eva(
   return training_chain.alias(
       scale_by_eva, learning_rate, momentum, weight_decay, damping, stat_decay,
       kl_clip=kl_clip, kl_normalize=kl_normalize, default_scaling="kl_normalize",
-      nesterov=nesterov, stats_every=stats_every)
+      nesterov=nesterov, weight_decay_mask=weight_decay_mask,
+      mu_dtype=mu_dtype, stats_every=stats_every)
 
 
 def eva_f(
-    learning_rate: Any,
-    momentum: Any = 0.9,
-    weight_decay: Any = 0.0,
-    damping: Any = 0.03,
-    stat_decay: Any = 0.95,
+    learning_rate: optax.ScalarOrSchedule,
+    momentum: chex.Numeric | None = 0.9,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    damping: optax.ScalarOrSchedule = 0.03,
+    stat_decay: optax.ScalarOrSchedule = 0.95,
     *,
     kl_clip: float | None = None,
     kl_normalize: bool | None = None,
     stats_every: int = 1,
     nesterov: bool = False,
+    weight_decay_mask: Any = None,
+    mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Eva-f (vectorized FOOF), trained the way the paper trains it.
 
-  Like :func:`eva` with :func:`scale_by_eva_f`. The default scaling is the
-  journal KL-normalization, the only one the authors ran Eva-f with
-  (``semi-eva``, ``kl_clip=1``).
+  ``chain(scale_by_eva_f, add_decayed_weights, trace(momentum),
+  scale_by_learning_rate)``:
+
+  .. math::
+    d_t = s_t\\,\\hat G_t (a a^T + \\gamma I)^{-1} + \\lambda_t w_t, \\quad
+    m_t = \\mu m_{t-1} + d_t, \\quad w_{t+1} = w_t - \\eta_t m_t.
+
+  The default scaling ``s_t`` is the journal KL-normalization, the only one the
+  authors ran Eva-f with (``semi-eva``, ``kl_clip=1``); ``kl_clip`` selects the
+  ICLR KL-clip, ``kl_normalize=False`` the raw solve (with its ``1/gamma``).
+
+  Args:
+    learning_rate: ``eta``, a number, an array or an optax schedule.
+    momentum: heavy-ball ``mu`` (0.9 in the paper); ``None`` for no momentum
+      and no buffer, as ``optax.sgd``.
+    weight_decay: ``lambda`` added after preconditioning; a number, an array or
+      a schedule.
+    damping: ``gamma`` (0.03 in the paper).
+    stat_decay: weight of the new statistic (0.95 in the paper).
+    kl_clip: ``kappa`` of the ICLR KL-clip, or ``None``.
+    kl_normalize: journal KL-normalization; ``None`` means "unless kl_clip".
+    stats_every: statistics refresh interval in steps.
+    nesterov: Nesterov momentum instead of heavy ball.
+    weight_decay_mask: which leaves are decayed, as ``optax.adamw(mask=...)``.
+    mu_dtype: dtype of the momentum buffer (``None``: the parameters').
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`; ``update`` takes
+    ``stats=`` from :func:`eva_optax.value_and_grad`.
+
+  References:
+    Zhang et al., "Eva: A General Vectorized Approximation Framework for
+    Second-order Optimization" (the journal version of `Eva: Practical
+    Second-order Optimization with Kronecker-vectorized Approximation
+    <https://openreview.net/forum?id=_Mic8V96Voy>`_, ICLR 2023); Benzing,
+    `Gradient Descent on Neurons and its Link to Approximate Second-order
+    Optimization <https://arxiv.org/abs/2201.12250>`_, ICML 2022 (FOOF).
   """
   return training_chain.alias(
       scale_by_eva_f, learning_rate, momentum, weight_decay, damping, stat_decay,
       kl_clip=kl_clip, kl_normalize=kl_normalize, default_scaling="kl_normalize",
-      nesterov=nesterov, stats_every=stats_every)
+      nesterov=nesterov, weight_decay_mask=weight_decay_mask,
+      mu_dtype=mu_dtype, stats_every=stats_every)

@@ -19,25 +19,26 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
 
 from eva_optax._src import counters
-from eva_optax._src import tree_utils
+from eva_optax._src import grafting
+from eva_optax._src import per_tensor
+from eva_optax._src import training_chain
 from eva_optax._src import validation
-from eva_optax._src.training_chain import training_chain
 
 Array = jax.Array
 
-# Added to the norm of the preconditioned tensor before the rescale (as the authors).
-_GRAFT_EPS = 1e-16
+# The part of T orthogonal to u that float32 cannot tell from rounding: below
+# _RESOLUTION * |T|, the residual of T - <T, u_hat> u_hat is treated as zero.
+_RESOLUTION = 4 * float(jnp.finfo(jnp.float32).eps)
 
 
-
-def _is_preconditioned(leaf: Any) -> bool:
-  """Tensors of rank >= 2 (kernels, conv kernels) get Eva-s; the rest pass."""
-  return hasattr(leaf, "ndim") and leaf.ndim >= 2 and leaf.size > 0
+def _axis_key(i: int) -> str:
+  return f"axis_{i}"
 
 
 def rank_one_tensor(vectors: list[Array]) -> Array:
@@ -48,16 +49,86 @@ def rank_one_tensor(vectors: list[Array]) -> Array:
   return out
 
 
+def _contract(t: Array, vectors: list[Array]) -> Array:
+  """``<t, s_1 o ... o s_r>`` by contracting one axis at a time."""
+  c = t
+  for v in vectors:
+    c = jnp.tensordot(v, c, axes=(0, 0))
+  return c
+
+
+def _unit(v: Array) -> tuple[Array, Array]:
+  """``(v / |v|, log |v|)`` by max-abs scaling; ``(0, -inf)`` for ``v = 0``."""
+  m = jnp.max(jnp.abs(v))
+  safe = jnp.where(m > 0, m, 1.0)
+  w = v / safe
+  n = jnp.sqrt(jnp.sum(w * w))
+  unit = w / jnp.where(n > 0, n, 1.0)
+  log_norm = jnp.where(m > 0, jnp.log(safe) + jnp.log(jnp.where(n > 0, n, 1.0)),
+                       -jnp.inf)
+  return unit, log_norm
+
+
+def eva_s_direction(t: Array, vectors: list[Array], damping: Array) -> Array:
+  """The direction of ``(u u^T + damping I)^{-1} vec(T)``, ``u = s_1 (x) ... (x) s_r``.
+
+  .. math::
+    \\gamma (u u^T + \\gamma I)^{-1} T
+      = \\underbrace{T - \\langle T, \\hat u\\rangle \\hat u}_{R}
+      + \\frac{\\gamma}{\\gamma + \\mu} \\langle T, \\hat u\\rangle \\hat u,
+    \\qquad \\hat u = \\frac{u}{|u|}, \\quad \\mu = \\prod_i |s_i|^2
+
+  Sherman-Morrison rearranged for float32: the vectors are normalized (their
+  norms enter only through ``log mu``), ``gamma / (gamma + mu)`` is a sigmoid of
+  ``log gamma - log mu`` (no overflow of ``mu``, no ``1 - w`` cancellation),
+  ``T`` is scaled by its max-abs, the residual ``R`` is re-projected once, and a
+  residual below float32's resolution of ``T`` (``4 eps |T|``) is treated as
+  zero (shrunk by ``max(0, 1 - (4 eps |T| / |R|)^2)``, continuous), as rank-
+  revealing solvers treat singular values below ``eps`` times the largest. The
+  result is the exact Eva-s direction of a gradient within ``4 eps |T|`` of
+  ``T``: for a rank-one gradient (a batch of one), where ``R`` is rounding noise
+  and the answer is ``T`` itself, it is ``T``'s direction. The scale of the
+  result is arbitrary (of the order of ``T / max|T|``); the caller grafts it.
+
+  Args:
+    t: the gradient tensor ``T`` (float32, rank ``r >= 2``).
+    vectors: ``[s_1, ..., s_r]``, float32, ``len(s_i) = T.shape[i]``.
+    damping: ``gamma > 0``.
+
+  Returns:
+    A float32 tensor of ``T``'s shape along ``(u u^T + gamma I)^{-1} vec(T)``.
+  """
+  m = jnp.max(jnp.abs(t))
+  tn = t / jnp.where(m > 0, m, 1.0)
+  units, logs = zip(*[_unit(v) for v in vectors])
+  units = list(units)
+  log_mu = 2.0 * sum(logs)
+  keep = jax.nn.sigmoid(jnp.log(damping) - log_mu)   # gamma / (gamma + mu)
+  q = 1.0
+  for u in units:
+    q = q * jnp.vdot(u, u)                            # |u_hat|^2, 1 up to rounding
+  q = jnp.where(q > 0, q, 1.0)
+  u_hat = rank_one_tensor(units)
+  c = _contract(tn, units) / q
+  resid = tn - c * u_hat
+  resid = resid - (_contract(resid, units) / q) * u_hat
+  r2 = jnp.sum(resid * resid)
+  tol2 = jnp.square(_RESOLUTION) * jnp.sum(tn * tn)
+  resid = resid * jnp.maximum(0.0, 1.0 - tol2 / jnp.where(r2 > 0, r2, 1.0))
+  return resid + (keep * c) * u_hat
+
+
 def eva_s_solve(t: Array, vectors: list[Array], damping: Array) -> Array:
   """``(u u^T + damping I)^{-1} vec(T)`` with ``u = s_1 (x) ... (x) s_r`` (per tensor).
 
   .. math::
     P = \\frac{1}{\\gamma}\\Big[T - \\frac{\\langle T, s_1\\circ\\cdots\\circ s_r\\rangle}
         {\\gamma + \\prod_i \\|s_i\\|^2}\\, s_1\\circ\\cdots\\circ s_r\\Big]
+
+  The plain closed form, for moderate scales (tests and diagnostics); the
+  optimizer uses :func:`eva_s_direction`, which is safe for any finite input.
   """
-  c = t
-  for v in vectors:   # contract the leading axis with each s_i in turn
-    c = jnp.tensordot(v, c, axes=(0, 0))
+  c = _contract(t, vectors)
   mu = 1.0
   for v in vectors:
     mu = mu * jnp.vdot(v, v)
@@ -65,80 +136,150 @@ def eva_s_solve(t: Array, vectors: list[Array], damping: Array) -> Array:
 
 
 def mean_vectors(t: Array) -> tuple[Array, ...]:
-  """``s_i`` = mean of ``t`` over every axis but ``i``, one vector per axis."""
-  axes = range(t.ndim)
-  return tuple(jnp.mean(t, axis=tuple(j for j in axes if j != i)) for i in axes)
+  """``s_i`` = mean of ``t`` over every axis but ``i``, one vector per axis.
 
+  Computed on ``t`` scaled by its max-abs, so that no sum overflows.
+  """
+  m = jnp.max(jnp.abs(t))
+  safe = jnp.where(m > 0, m, 1.0)
+  tn = t / safe
+  axes = range(t.ndim)
+  return tuple(safe * jnp.mean(tn, axis=tuple(j for j in axes if j != i))
+               for i in axes)
 
 
 class ScaleByEvaSState(NamedTuple):
-  """State of :func:`scale_by_eva_s`: one running vector per tensor axis."""
+  """State of :func:`scale_by_eva_s`.
 
-  count: Array            # shape=(), dtype=jnp.int32: update calls so far.
-  stats_count: Array      # shape=(), dtype=jnp.int32: statistics accumulated.
-  nonfinite_count: Array  # shape=(), dtype=jnp.int32: statistics skipped as non-finite.
-  skipped_count: Array    # shape=(), int32: updates replaced by zeros (non-finite).
-  invalid_hparam_count: Array  # shape=(), int32: steps skipped for a bad run-time hyperparameter.
-  # Like params: a tuple (s_1, ..., s_r) of float32 vectors per leaf of rank
-  # r >= 2, an empty tuple for the leaves that pass through.
+  Attributes:
+    count: update calls so far (int32 scalar).
+    stats_count: statistics folded into the running vectors.
+    nonfinite_count: steps whose statistics were due but not folded because
+      the gradient was not finite.
+    skipped_count: steps whose update was replaced by zeros because the
+      gradient (or, never expected, the result) was not finite.
+    invalid_hparam_count: steps skipped (zero update, nothing folded) because
+      ``damping``, ``stat_decay`` or a graft option given as an array, a
+      schedule or through :func:`optax.inject_hyperparams` was out of range or
+      not finite at that step.
+    vectors: like the params: for a leaf of rank ``r >= 2`` a dict
+      ``{"axis_0": s_0, ..., "axis_{r-1}": s_{r-1}}`` of float32 vectors
+      (``len(s_i)`` = the leaf's ``shape[i]``); ``None`` for the leaves that
+      are not preconditioned. (A dict of arrays, which Flax NNX's
+      ``nnx.Optimizer`` stores and gives back unchanged.)
+    graft: like the params: the graft's float32 accumulator per leaf (the
+      AdaGrad root sum of squares or the RMSProp RMS), or ``None`` for every
+      leaf with ``graft="sgd"``.
+  """
+
+  count: Array            # shape=(), dtype=jnp.int32.
+  stats_count: Array      # shape=(), dtype=jnp.int32.
+  nonfinite_count: Array  # shape=(), dtype=jnp.int32.
+  skipped_count: Array    # shape=(), dtype=jnp.int32.
+  invalid_hparam_count: Array  # shape=(), dtype=jnp.int32.
   vectors: Any
+  graft: Any
+
+
+def _check_leaf(name: str, g: Any, vectors: Any, acc: Any, graft: str) -> None:
+  """The state of one leaf matches its gradient, or a ValueError naming both."""
+  if per_tensor.is_preconditioned(g):
+    if vectors is None:
+      want = None
+    else:
+      want = tuple(int(vectors[_axis_key(i)].shape[0]) for i in range(len(vectors)))
+    if want != tuple(g.shape):
+      per_tensor.raise_mismatch("eva_s", name, g.shape,
+                                   "a tensor of rank <= 1 (not preconditioned)"
+                                   if want is None else want)
+  elif vectors is not None:
+    shape = tuple(int(vectors[_axis_key(i)].shape[0]) for i in range(len(vectors)))
+    per_tensor.raise_mismatch("eva_s", name, g.shape, shape)
+  if graft != "sgd" and tuple(acc.shape) != tuple(jnp.shape(g)):
+    per_tensor.raise_mismatch("eva_s", name, jnp.shape(g), acc.shape)
 
 
 def scale_by_eva_s(
-    damping: Any = 0.03,
-    stat_decay: Any = None,
+    damping: optax.ScalarOrSchedule = 0.03,
+    stat_decay: optax.ScalarOrSchedule | None = None,
     *,
     stats_every: int = 1,
+    graft: str = "sgd",
+    graft_decay: chex.Numeric = 0.999,
+    graft_eps: chex.Numeric = 1e-8,
 ) -> optax.GradientTransformationExtraArgs:
   """Eva-s preconditioning only (no momentum, weight decay or learning rate).
 
   For every parameter tensor ``T`` of rank ``r >= 2`` (a Dense kernel, or a
   conv kernel kept 4-D in Flax layout ``(kh, kw, C_in, C_out)``), Eva-s keeps one
   float32 vector per axis, accumulated from ``mean_{axes != i}(T)``, and applies
-  the inverse of ``u u^T + gamma I``, ``u = s_1 (x) ... (x) s_r``, in closed form:
+  the inverse of ``u u^T + gamma I``, ``u = s_1 (x) ... (x) s_r``, in closed form,
+  then grafts:
 
   .. math::
     P = (u u^T + \\gamma I)^{-1}\\mathrm{vec}(T)
       = \\frac{1}{\\gamma}\\Big[T - \\frac{\\langle T, s_1\\circ\\cdots\\circ s_r\\rangle}
         {\\gamma + \\prod_i \\|s_i\\|^2}\\, s_1\\circ\\cdots\\circ s_r\\Big],
-    \\qquad P \\leftarrow P\\,\\frac{\\|T\\|_F}{\\|P\\|_F + 10^{-16}}.
+    \\qquad U = \\frac{P}{\\|P\\|_F}\\, \\|S(T)\\|_F,
 
-  The second step is the authors' layer-wise rescale ("grafting" to the
-  gradient norm): each tensor's update has the norm of its gradient, so the
-  ``1/gamma`` factor cancels and ``gamma`` only sets how much of the component
-  along ``s_1 o ... o s_r`` is removed (the fraction ``mu / (gamma + mu)``,
-  ``mu = prod_i |s_i|^2``). The update is the same for any axis order, so the
+  with ``S`` the graft's step (``graft="sgd"``: ``S(T) = T``, the authors'
+  layer-wise rescale to the gradient norm). How the scale relates to the alias:
+  grafting sets the size of each tensor's update, so the ``1/gamma`` of the raw
+  ``F^{-1} T`` cancels and ``gamma`` only sets how much of the component along
+  ``s_1 o ... o s_r`` is removed (the fraction ``mu / (gamma + mu)``,
+  ``mu = prod_i |s_i|^2``); :func:`eva_optax.eva_s` then applies momentum and
+  the learning rate to ``U``. The update is the same for any axis order, so the
   Flax and PyTorch kernel layouts give the same preconditioner.
 
   Statistics: with ``stat_decay=None`` (the default, the authors' ``beta2 = 1``)
   ``s_i`` is a running *sum* of the per-step mean vectors, starting from zero,
-  so the first step uses the current gradient's own means. With a float,
+  so the first step uses the current gradient's own means. With a number,
   ``s_i <- (1 - stat_decay) s_i + stat_decay * mean_i(T)`` (``stat_decay`` is
   the weight of the NEW statistic, as everywhere in this library, which is
   ``1 - beta2`` of the authors' Google convention) and the first observation
   initialises ``s_i``. Statistics are folded in when ``count % stats_every == 0``
-  (so at step 0 too), before preconditioning; non-finite statistics are skipped
-  (the whole step's) and counted in ``nonfinite_count``.
+  (so at step 0 too), before preconditioning.
 
-  Tensors of rank <= 1 (biases, norms) pass through unchanged. Everything is
-  computed in float32; updates come back in the gradient dtype. ``update``
-  ignores extra keyword arguments (``stats=`` may be passed as to every other
-  optimizer of the library). See :func:`eva_optax.eva_s` for the full optimizer.
+  Numerics and safety: any finite gradient gives a finite update with the
+  direction of the float64 closed form (see :func:`eva_s_direction`: no
+  overflow of ``mu`` or of ``<T, u>``, no cancellation for a rank-one gradient);
+  a non-finite gradient gives a zero update, folds nothing and counts in
+  ``skipped_count`` (and ``nonfinite_count`` when statistics were due); a
+  ``damping``, ``stat_decay`` or graft option given as an array or a schedule
+  (or injected) that is out of range at a step gives a zero update, folds
+  nothing and counts in ``invalid_hparam_count``; a state initialised for
+  other parameters raises a ``ValueError`` naming the leaf and both shapes.
+
+  Tensors of rank <= 1 (biases, norms) get the graft's step (their gradient for
+  ``"sgd"``). Everything is computed in float32; updates come back in the
+  gradient dtype. ``update`` ignores extra keyword arguments (``stats=`` may be
+  passed as to every other optimizer of the library). See
+  :func:`eva_optax.eva_s` for the full optimizer.
 
   Args:
-    damping: ``gamma > 0`` (the paper's 0.03), a float or a schedule.
+    damping: ``gamma > 0`` (the paper's 0.03), a number, an array or a schedule.
     stat_decay: ``None`` for a running sum (the authors' setting), or the
-      weight in ``[0, 1]`` of the new statistic of a running average (float or
-      schedule).
+      weight in ``[0, 1]`` of the new statistic of a running average (a number,
+      an array or a schedule).
     stats_every: accumulate statistics every this many steps (>= 1).
+    graft: whose step size each tensor gets: ``"sgd"`` (the gradient's norm,
+      the paper's setting), ``"adagrad"`` or ``"rmsprop"`` (Adam's
+      bias-corrected second moment); see :mod:`eva_optax._src.grafting`. Pick
+      ``"adagrad"`` or ``"rmsprop"`` for Adam-like learning rates: with
+      ``"sgd"`` the learning rate must be one at which SGD itself is stable.
+    graft_decay: RMSProp's ``beta`` (weight of the old second moment).
+    graft_eps: added to the root of the graft's second moment.
 
   Returns:
-    An :class:`optax.GradientTransformationExtraArgs`.
+    An :class:`optax.GradientTransformationExtraArgs` whose state is a
+    :class:`ScaleByEvaSState`.
 
   References:
     Zhang et al., "Eva: A General Vectorized Approximation Framework for
     Second-order Optimization" (journal version of the ICLR 2023 paper),
-    section "Eva-s"; the authors' ``dev:shampoo/vshampoo.py``.
+    section "Eva-s"; the authors' ``dev:shampoo/vshampoo.py``. Agarwal et al.,
+    `Disentangling Adaptive Gradient Methods from Learning Rates
+    <https://arxiv.org/abs/2002.11803>`_, 2020 (grafting).
   """
   validation.check_positive(
       "damping", damping,
@@ -149,66 +290,104 @@ def scale_by_eva_s(
         fix="It is the weight of the NEW statistic; None keeps a running sum "
         "(the authors' setting).")
   validation.check_interval("stats_every", stats_every)
+  grafting.check(graft, graft_decay, graft_eps)
 
   def init_fn(params):
     def init_leaf(p):
-      if not _is_preconditioned(p):
-        return ()
-      return tuple(jnp.zeros((d,), jnp.float32) for d in p.shape)
+      if not per_tensor.is_preconditioned(p):
+        return None
+      return {_axis_key(i): jnp.zeros((d,), jnp.float32)
+              for i, d in enumerate(p.shape)}
     return ScaleByEvaSState(
         **counters.zero_counters(),
-        vectors=jax.tree.map(init_leaf, params))
+        vectors=jax.tree.map(init_leaf, params),
+        graft=jax.tree.map(lambda p: grafting.init(graft, p), params))
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    leaves, treedef = jax.tree.flatten(updates)
-    old = tree_utils.leaves_like(treedef, state.vectors, "eva_s")
+    names, leaves, treedef = per_tensor.named_leaves(updates)
+    old = per_tensor.leaves_like(treedef, state.vectors, "eva_s")
+    accs = per_tensor.leaves_like(treedef, state.graft, "eva_s")
+    for name, g, v, a in zip(names, leaves, old, accs):
+      _check_leaf(name, g, v, a, graft)
+    old = [None if v is None else {_axis_key(i): v[_axis_key(i)]
+                                   for i in range(len(v))} for v in old]
     count = state.count
     gamma = jnp.asarray(validation.value_at(damping, count), jnp.float32)
+    xi = (None if stat_decay is None
+          else jnp.asarray(validation.value_at(stat_decay, count), jnp.float32))
+    ok_hp = validation.valid_positive(gamma)
+    if xi is not None:
+      ok_hp = ok_hp & validation.valid_unit_interval(xi)
+    ok_hp = ok_hp & grafting.valid(graft, graft_decay, graft_eps)
+    grads_finite = counters.all_finite(leaves)
 
     with jax.default_matmul_precision("highest"):
-      tensors = [g.astype(jnp.float32) if _is_preconditioned(g) else None
-                 for g in leaves]
-      obs = [mean_vectors(t) if t is not None else () for t in tensors]
-      vectors, due, finite = counters.fold_statistics(
-          state, old, obs, stat_decay, stats_every)
+      tensors = [g.astype(jnp.float32) for g in leaves]
+      obs = [None if v is None else {_axis_key(i): s for i, s in
+                                     enumerate(mean_vectors(t))}
+             for t, v in zip(tensors, old)]
+      folded, due, finite = counters.fold_statistics(
+          state, old, obs, None if xi is None else (lambda _: xi), stats_every)
+      finite = finite & grads_finite
+      accept = ok_hp & finite
+      vectors = jax.tree.map(lambda n, o: jnp.where(accept, n, o), folded, old)
 
-      out = []
-      for g, t, vs in zip(leaves, tensors, vectors):
-        if t is None:
-          out.append(g)
+      graft_count = count - state.skipped_count - state.invalid_hparam_count
+      out, new_accs = [], []
+      for t, v, a in zip(tensors, vectors, accs):
+        size, a_new = grafting.step(graft, t, a, graft_count, graft_decay,
+                                    graft_eps)
+        new_accs.append(a_new)
+        if v is None:
+          out.append(size)
           continue
-        p = eva_s_solve(t, list(vs), gamma)
-        scale = jnp.sqrt(jnp.sum(t * t)) / (jnp.sqrt(jnp.sum(p * p)) + _GRAFT_EPS)
-        out.append((p * scale).astype(g.dtype))
+        direction = eva_s_direction(t, [v[_axis_key(i)] for i in range(len(v))],
+                                    jnp.where(ok_hp, gamma, 1.0))
+        out.append(grafting.rescale(direction, grafting.norm(size)))
 
+    out_finite = counters.all_finite(out)
+    skipped = jnp.logical_not(grads_finite & out_finite)
+    apply = ok_hp & jnp.logical_not(skipped)
+    out = counters.zeros_unless(apply, out)
+    new_accs = [None if a is None else jnp.where(apply, n, a)
+                for a, n in zip(accs, new_accs)]
     new_state = ScaleByEvaSState(
-        **counters.advance_counters(state, due, finite),
-        vectors=jax.tree.unflatten(treedef, vectors))
-    return jax.tree.unflatten(treedef, out), new_state
+        **counters.advance_counters(state, due, finite, skipped=skipped,
+                                    invalid_hparam=jnp.logical_not(ok_hp)),
+        vectors=jax.tree.unflatten(treedef, vectors),
+        graft=jax.tree.unflatten(treedef, new_accs))
+    updates = [o.astype(g.dtype) for o, g in zip(out, leaves)]
+    return jax.tree.unflatten(treedef, updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def eva_s(
-    learning_rate: Any,
-    momentum: Any = 0.9,
-    weight_decay: Any = 0.0,
-    damping: Any = 0.03,
-    stat_decay: Any = None,
+    learning_rate: optax.ScalarOrSchedule,
+    momentum: chex.Numeric | None = 0.9,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    damping: optax.ScalarOrSchedule = 0.03,
+    stat_decay: optax.ScalarOrSchedule | None = None,
     *,
     stats_every: int = 1,
+    graft: str = "sgd",
+    graft_decay: chex.Numeric = 0.999,
+    graft_eps: chex.Numeric = 1e-8,
     nesterov: bool = False,
+    weight_decay_mask: Any = None,
+    mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Eva-s (vectorized Shampoo), trained the way the paper trains it.
 
   ``chain(scale_by_eva_s, add_decayed_weights(weight_decay), trace(momentum),
-  scale_by_learning_rate(learning_rate))``: the preconditioned (and rescaled)
-  gradient of every tensor of rank >= 2, the plain gradient for the rest, then
-  weight decay (never preconditioned), heavy-ball momentum and the learning rate.
+  scale_by_learning_rate(learning_rate))``: the preconditioned and grafted
+  gradient of every tensor of rank >= 2, the graft's step for the rest (the
+  gradient with ``graft="sgd"``), then weight decay (never preconditioned),
+  heavy-ball momentum and the learning rate.
 
   .. math::
-    d_t = P(T_t) + \\lambda w_t, \\quad m_t = \\mu m_{t-1} + d_t, \\quad
+    d_t = U(T_t) + \\lambda_t w_t, \\quad m_t = \\mu m_{t-1} + d_t, \\quad
     w_{t+1} = w_t - \\eta_t m_t.
 
   Unlike the authors' code, the momentum buffer is updated once per step: their
@@ -216,15 +395,31 @@ def eva_s(
   ``nesterov=True`` it computes ``m_t = mu^2 m_{t-1} + (1 + mu) d_t``. Eva-s needs
   no layer statistics; passing ``stats=`` to ``update`` is harmless.
 
+  Which graft: the paper's ``"sgd"`` gives each tensor the gradient's norm, so
+  the learning rate must be one at which heavy-ball SGD is stable on the
+  problem (on Rosenbrock, curvature ~1000, that is ``lr < 3.8e-3``: at 1e-2
+  Eva-s diverges like SGD); ``"adagrad"`` or ``"rmsprop"`` give steps of about
+  ``lr`` per coordinate, for Adam-like learning rates.
+
   Args:
-    learning_rate: float or optax schedule.
-    momentum: heavy-ball momentum (0.9 in the paper); 0 for none.
-    weight_decay: added after preconditioning (5e-4 on CIFAR in the paper).
-    damping: ``gamma`` (0.03 in the paper).
+    learning_rate: ``eta``, a number, an array or an optax schedule.
+    momentum: heavy-ball ``mu`` (0.9 in the paper); ``None`` for no momentum
+      and no buffer, as ``optax.sgd``.
+    weight_decay: ``lambda`` added after preconditioning (5e-4 on CIFAR in the
+      paper); a number, an array or a schedule.
+    damping: ``gamma`` (0.03 in the paper); a number, an array or a schedule.
     stat_decay: ``None`` for the authors' running sum of the mean vectors, or
       the weight of the new statistic of a running average.
     stats_every: statistics interval in steps (1 in the paper).
+    graft: ``"sgd"`` (the paper), ``"adagrad"`` or ``"rmsprop"``; see
+      :func:`scale_by_eva_s`.
+    graft_decay: RMSProp's ``beta`` for ``graft="rmsprop"``.
+    graft_eps: added to the root of the graft's second moment.
     nesterov: Nesterov momentum instead of heavy ball.
+    weight_decay_mask: which leaves are decayed, as ``optax.adamw(mask=...)``:
+      a tree of booleans like the params (or a prefix), or a callable of the
+      params returning one; ``None`` decays all.
+    mu_dtype: dtype of the momentum buffer (``None``: the parameters').
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -247,5 +442,11 @@ def eva_s(
     Optimization with Kronecker-vectorized Approximation
     <https://openreview.net/forum?id=_Mic8V96Voy>`_, ICLR 2023).
   """
-  pre = scale_by_eva_s(damping, stat_decay, stats_every=stats_every)
-  return training_chain(pre, learning_rate, momentum, weight_decay, nesterov)
+  training_chain.check_training_hyperparameters(
+      learning_rate, momentum, weight_decay, weight_decay_mask, mu_dtype)
+  pre = scale_by_eva_s(damping, stat_decay, stats_every=stats_every,
+                       graft=graft, graft_decay=graft_decay,
+                       graft_eps=graft_eps)
+  return training_chain.training_chain(
+      pre, learning_rate, momentum, weight_decay, nesterov,
+      weight_decay_mask=weight_decay_mask, mu_dtype=mu_dtype)

@@ -5,9 +5,10 @@
 * KL-normalization (journal Eva, Eva-f): ``U sqrt(gamma / S)`` when ``S > 0``, else
   ``gamma U``. With ``V = gamma U`` this is the authors' ``V / sqrt(sum <V, G_hat>)``.
 
-Both use the *original* gradient ``G_hat`` in the inner product; the solves return
-``<U_l, G_hat_l>`` (in closed form for Eva and Eva-f), and these functions turn the
-sum into the scale.
+Both use the *original* gradient ``G_hat`` in the inner product. The solves run
+on ``G_hat / s`` for a power of two ``s`` (so that nothing overflows): they
+return ``U' = U / s`` and ``S' = S / s^2``, and these functions give the factor
+``f`` with ``final update = f U'``, computed without forming ``S`` itself.
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ import jax.numpy as jnp
 Array = jax.Array
 
 
-def kl_clip_scale(inner: Array, learning_rate: Array, kappa: float) -> Array:
-  """``nu = min(1, sqrt(kappa / (lr^2 S)))`` for ``S = sum <U, G>`` (ICLR Eva);
-  ``1`` when ``S <= 0``."""
-  s = learning_rate**2 * inner
-  return jnp.where(s > 0, jnp.minimum(1.0, jnp.sqrt(kappa / jnp.where(s > 0, s, 1.0))), 1.0)
+def kl_clip_scale(inner: Array, learning_rate: Array, kappa: float,
+                  scale: Array) -> Array:
+  """``f = s min(1, sqrt(kappa / (lr^2 s^2 S')))``; ``s`` when ``S' <= 0``."""
+  ok = jnp.logical_and(inner > 0, learning_rate > 0)
+  clip = jnp.sqrt(kappa) / (learning_rate * jnp.sqrt(jnp.where(ok, inner, 1.0)))
+  return jnp.where(ok, jnp.minimum(scale, jnp.where(ok, clip, scale)), scale)
 
 
-def kl_normalize_scale(inner: Array, damping: Array) -> Array:
-  """``sqrt(gamma / S)`` for ``S = sum <U, G>`` (journal Eva); ``gamma`` when ``S <= 0``."""
-  return jnp.where(inner > 0, jnp.sqrt(damping / jnp.where(inner > 0, inner, 1.0)), damping)
+def kl_normalize_scale(inner: Array, damping: Array, scale: Array) -> Array:
+  """``f = sqrt(gamma / S')`` when ``S' > 0`` (scale-free), else ``gamma s``."""
+  ok = inner > 0
+  return jnp.where(ok, jnp.sqrt(damping / jnp.where(ok, inner, 1.0)),
+                   damping * scale)

@@ -4,8 +4,14 @@ For a gradient matrix ``G`` Shampoo keeps ``L = sum G G^T`` and
 ``R = sum G^T G`` and preconditions with ``L^{-1/4} G R^{-1/4}``. Large matrices
 are split into blocks of at most ``block_size x block_size`` with one ``(L, R)``
 pair per block, as in the scalable Shampoo of Anil et al. The state per block is
-the two statistics and their two inverse roots: ``2 (b_r^2 + b_c^2)`` floats for a
-``b_r x b_c`` block.
+the two statistics and their two inverse roots, ``2 (b_r^2 + b_c^2)`` floats for
+a ``b_r x b_c`` block, plus two scalars.
+
+Numerics: the statistics are kept as ``(L / tr L, R / tr R, log tr L)`` per
+block (``tr L = tr R``), built from the gradient scaled by its max-abs, so
+that gradients up to float32's largest neither overflow the running sums nor
+the roots; the roots are of the normalized statistics, and each block's scale
+enters the preconditioned direction as a factor computed in log space.
 
 References:
   Gupta, Koren and Singer, `Shampoo: Preconditioned Stochastic Tensor
@@ -20,29 +26,28 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
 
 from eva_optax._src import counters
+from eva_optax._src import grafting
 from eva_optax._src import linalg
-from eva_optax._src import tree_utils
+from eva_optax._src import per_tensor
+from eva_optax._src import training_chain
 from eva_optax._src import validation
-from eva_optax._src.training_chain import training_chain
 
 Array = jax.Array
 
 _ROOT = 4          # L^{-1/4} G R^{-1/4}: the 2-D Shampoo exponent -1/(2 r), r = 2.
-_GRAFT_EPS = 1e-16
+_DEFAULT_BLOCK_SIZE = 128  # the authors' block size
+# log tr of an all-zero statistic: far below any real one (>= log(tiny^2) ~ -200),
+# finite so that differences of two of them are 0, not NaN.
+_LOG_ZERO = -1e4
 
 
-
-def _is_preconditioned(leaf: Any) -> bool:
-  """Tensors of rank >= 2 (kernels, conv kernels) get Shampoo; the rest pass."""
-  return hasattr(leaf, "ndim") and leaf.ndim >= 2 and leaf.size > 0
-
-
-def inverse_root(m: Array, exponent: float, epsilon: float) -> Array:
+def inverse_root(m: Array, exponent: float, epsilon: Any) -> Array:
   """``(m + epsilon * lambda_max I)^{-1/exponent}`` for a symmetric PSD ``m``.
 
   The ridge is relative to the largest eigenvalue, floored at 1e-30 so that an
@@ -96,31 +101,148 @@ def from_blocks(b: Array, lay: _Layout) -> Array:
   return t.reshape(lay.nr * lay.br, lay.nc * lay.bc)[:lay.m, :lay.n]
 
 
-_DEFAULT_BLOCK_SIZE = 128  # the authors' block size
+def block_statistics(t: Array, lay: _Layout) -> dict[str, Array]:
+  """One observation: per block ``G G^T / tr``, ``G^T G / tr`` and ``log tr``.
+
+  ``tr = |G|_F^2`` of the block, computed on ``t`` scaled by its max-abs, so
+  that nothing overflows for any finite ``t``.
+  """
+  m = jnp.max(jnp.abs(t))
+  safe = jnp.where(m > 0, m, 1.0)
+  gb = to_blocks(t / safe, lay)
+  tr = jnp.sum(gb * gb, axis=(1, 2))
+  ok = tr > 0
+  inv = jnp.where(ok, 1.0 / jnp.where(ok, tr, 1.0), 0.0)[:, None, None]
+  return {"L": jnp.einsum("bij,bkj->bik", gb, gb) * inv,
+          "R": jnp.einsum("bji,bjk->bik", gb, gb) * inv,
+          "log_scale": jnp.where(ok, jnp.log(jnp.where(ok, tr, 1.0))
+                                 + 2.0 * jnp.log(safe), _LOG_ZERO)}
+
+
+def merge_statistics(old: dict[str, Array], new: dict[str, Array],
+                     w_old: Array, w_new: Array) -> dict[str, Array]:
+  """``w_old * old + w_new * new`` of the scaled statistics, renormalized."""
+  c = jnp.maximum(old["log_scale"], new["log_scale"])
+  a = (w_old * jnp.exp(old["log_scale"] - c))[:, None, None]
+  b = (w_new * jnp.exp(new["log_scale"] - c))[:, None, None]
+  left = a * old["L"] + b * new["L"]
+  right = a * old["R"] + b * new["R"]
+  tr = jnp.trace(left, axis1=1, axis2=2)
+  ok = tr > 0
+  inv = jnp.where(ok, 1.0 / jnp.where(ok, tr, 1.0), 0.0)[:, None, None]
+  return {"L": left * inv, "R": right * inv,
+          "log_scale": jnp.where(ok, c + jnp.log(jnp.where(ok, tr, 1.0)),
+                                 _LOG_ZERO)}
+
+
+def _refresh_roots(operand):
+  """The roots of every block from its statistics (``operand = (blocks, eps)``).
+
+  Module-level (as :func:`_keep_roots`), so that :func:`jax.lax.cond` reuses
+  its traced branches from one call to the next, also outside :func:`jax.jit`.
+  """
+  blocks, eps = operand
+
+  def one(b):
+    if b is None:
+      return None
+    usable = (b["log_scale"] > _LOG_ZERO / 2)[:, None, None]
+    left = inverse_root(b["L"], _ROOT, eps)
+    right = inverse_root(b["R"], _ROOT, eps)
+    ok = (usable & jnp.all(jnp.isfinite(left), axis=(1, 2), keepdims=True)
+          & jnp.all(jnp.isfinite(right), axis=(1, 2), keepdims=True))
+    return dict(b, L_root=jnp.where(ok, left, b["L_root"]),
+                R_root=jnp.where(ok, right, b["R_root"]),
+                root_log_scale=jnp.where(ok[:, 0, 0], b["log_scale"],
+                                         b["root_log_scale"]))
+  return [one(b) for b in blocks]
+
+
+def _keep_roots(operand):
+  return operand[0]
 
 
 class ScaleByShampooState(NamedTuple):
-  """State of :func:`scale_by_shampoo`: per block, two statistics and their roots."""
+  """State of :func:`scale_by_shampoo`.
 
-  count: Array            # shape=(), dtype=jnp.int32: update calls so far.
-  stats_count: Array      # shape=(), dtype=jnp.int32: statistics accumulated.
-  nonfinite_count: Array  # shape=(), dtype=jnp.int32: statistics skipped as non-finite.
-  skipped_count: Array    # shape=(), int32: updates replaced by zeros (non-finite).
-  invalid_hparam_count: Array  # shape=(), int32: steps skipped for a bad run-time hyperparameter.
-  # Like params: per leaf of rank >= 2 a dict of float32 arrays "L", "L_root"
-  # (shape (blocks, br, br)) and "R", "R_root" (shape (blocks, bc, bc)); an
-  # empty tuple for the leaves that pass through.
+  Attributes:
+    count: update calls so far (int32 scalar).
+    stats_count: statistics folded into the running statistics.
+    nonfinite_count: steps whose statistics were due but not folded because
+      the gradient was not finite.
+    skipped_count: steps whose update was replaced by zeros because the
+      gradient (or, never expected, the result) was not finite.
+    invalid_hparam_count: steps skipped (zero update, nothing folded, no root
+      refresh) because ``stat_decay``, ``matrix_eps`` or a graft option given
+      as an array, a schedule or through :func:`optax.inject_hyperparams` was
+      out of range or not finite at that step.
+    blocks: like the params: for a leaf of rank >= 2 a dict of float32 arrays,
+      ``"L"`` and ``"L_root"`` of shape ``(blocks, br, br)``, ``"R"`` and
+      ``"R_root"`` of shape ``(blocks, bc, bc)``, ``"log_scale"`` and
+      ``"root_log_scale"`` of shape ``(blocks,)``: the statistics divided by
+      their trace, the log of that trace, the inverse fourth roots of the
+      normalized statistics and the log trace they were computed at (the true
+      ``L`` is ``exp(log_scale) * L``); ``None`` for the leaves that are not
+      preconditioned.
+    graft: like the params: the graft's float32 accumulator per leaf, or
+      ``None`` for every leaf with ``graft="sgd"``.
+  """
+
+  count: Array            # shape=(), dtype=jnp.int32.
+  stats_count: Array      # shape=(), dtype=jnp.int32.
+  nonfinite_count: Array  # shape=(), dtype=jnp.int32.
+  skipped_count: Array    # shape=(), dtype=jnp.int32.
+  invalid_hparam_count: Array  # shape=(), dtype=jnp.int32.
   blocks: Any
+  graft: Any
+
+
+_KEYS = ("L", "R", "L_root", "R_root", "log_scale", "root_log_scale")
+
+
+def _block_shapes(lay: _Layout) -> dict[str, tuple[int, ...]]:
+  nb = lay.num_blocks
+  return {"L": (nb, lay.br, lay.br), "R": (nb, lay.bc, lay.bc),
+          "L_root": (nb, lay.br, lay.br), "R_root": (nb, lay.bc, lay.bc),
+          "log_scale": (nb,), "root_log_scale": (nb,)}
+
+
+def _describe(blocks: Any) -> str:
+  if blocks is None:
+    return "a tensor of rank <= 1 (not preconditioned)"
+  left, right = tuple(blocks["L"].shape), tuple(blocks["R"].shape)
+  if left[0] == 1:
+    return f"a ({left[1]}, {right[1]}) matrix view (statistics L {left}, R {right})"
+  return f"blocks with statistics L {left} and R {right}"
+
+
+def _check_leaf(name: str, g: Any, blocks: Any, acc: Any, graft: str,
+                block_size: int) -> None:
+  """The state of one leaf matches its gradient, or a ValueError naming both."""
+  if per_tensor.is_preconditioned(g):
+    want = _block_shapes(block_layout(g.shape, block_size))
+    if blocks is None or any(tuple(blocks[k].shape) != want[k] for k in _KEYS):
+      per_tensor.raise_mismatch(
+          "shampoo", name, g.shape,
+          f"{_describe(blocks)}; this gradient needs statistics L {want['L']} "
+          f"and R {want['R']}")
+  elif blocks is not None:
+    per_tensor.raise_mismatch("shampoo", name, g.shape, _describe(blocks))
+  if graft != "sgd" and tuple(acc.shape) != tuple(jnp.shape(g)):
+    per_tensor.raise_mismatch("shampoo", name, jnp.shape(g), acc.shape)
 
 
 def scale_by_shampoo(
+    matrix_eps: chex.Numeric = 1e-6,
+    stat_decay: optax.ScalarOrSchedule | None = None,
     *,
-    stat_decay: Any = None,
     block_size: int | None = None,
-    matrix_eps: float = 1e-6,
     inverse_every: int = 1,
     stats_every: int = 1,
     start_preconditioning_step: int = 1,
+    graft: str = "sgd",
+    graft_decay: chex.Numeric = 0.999,
+    graft_eps: chex.Numeric = 1e-8,
 ) -> optax.GradientTransformationExtraArgs:
   """Blocked two-sided Shampoo preconditioning only (no momentum, weight decay or lr).
 
@@ -135,42 +257,65 @@ def scale_by_shampoo(
   .. math::
     L \\leftarrow L + G G^T, \\quad R \\leftarrow R + G^T G, \\qquad
     P = L^{-1/4}\\, G\\, R^{-1/4}, \\qquad
-    P \\leftarrow P\\,\\frac{\\|G\\|_F}{\\|P\\|_F + 10^{-16}},
+    U = \\frac{P}{\\|P\\|_F}\\,\\|S(G)\\|_F,
 
-  with the rescale ("grafting" to SGD, as the authors) over the whole tensor.
-  The roots are ``(M + matrix_eps * lambda_max(M) I)^{-1/4}`` by
-  eigendecomposition (relative epsilon, as scalable Shampoo), computed inside
-  :func:`jax.lax.cond` when ``count % inverse_every == 0`` and kept in the state
-  in between. Statistics (zeros at init) are folded in first when
-  ``count % stats_every == 0``, so a refresh uses them: ``stat_decay=None`` sums
-  them (the authors' ``beta2 = 1``); a float gives the running average
+  with the graft ``S`` over the whole tensor (``graft="sgd"``: ``S(G) = G``, the
+  authors' setting). How the scale relates to the alias: grafting sets the size
+  of each tensor's update, so the scale of ``L^{-1/4} G R^{-1/4}`` (and of
+  ``matrix_eps``) cancels; :func:`eva_optax.shampoo` applies momentum and the
+  learning rate to ``U``. The roots are ``(M + matrix_eps * lambda_max(M)
+  I)^{-1/4}`` by eigendecomposition (relative epsilon, as scalable Shampoo),
+  computed inside :func:`jax.lax.cond` when ``count % inverse_every == 0`` and
+  kept in the state in between. Statistics (zeros at init) are folded in first
+  when ``count % stats_every == 0``, so a refresh uses them: ``stat_decay=None``
+  sums them (the authors' ``beta2 = 1``); a number gives the running average
   ``M <- (1 - stat_decay) M + stat_decay * new`` (``stat_decay`` is the weight
   of the NEW statistic, as everywhere in this library) whose first observation
-  initialises it. Non-finite statistics are skipped (the whole step's) and
-  counted in ``nonfinite_count``; a root that comes out non-finite (e.g. of an
-  all-zero block) keeps its previous value (the identity at init).
+  initialises it. A root of an all-zero block, or one that comes out
+  non-finite, keeps its previous value (the identity at init).
+
+  Numerics and safety: the statistics are stored divided by their trace with
+  the log of the trace beside them (see :class:`ScaleByShampooState`), so any
+  finite gradient (1e19, or the gradients of a ReLU network whose inputs are
+  scaled by 1e15) gives finite statistics, roots and updates, in the direction
+  of the float64 computation; a non-finite gradient gives a zero update, folds
+  nothing and counts in ``skipped_count`` (and ``nonfinite_count`` when
+  statistics were due); ``stat_decay``, ``matrix_eps`` or a graft option given
+  as an array, a schedule or injected that is out of range at a step gives a
+  zero update, no folding and no refresh, counted in ``invalid_hparam_count``;
+  a state initialised for other parameters raises a ``ValueError`` naming the
+  leaf and both shapes.
 
   The first ``start_preconditioning_step`` updates (``count < start``) return
-  the plain gradient, while statistics and roots are already accumulated.
-  Tensors of rank <= 1 pass through. Everything runs in float32 with full
-  float32 matmuls (``precision="highest"``, no TF32); updates come back in the
-  gradient dtype. ``update`` ignores extra keyword arguments (``stats=``).
-  See :func:`eva_optax.shampoo` for the full optimizer.
+  the graft's step (the gradient for ``"sgd"``), while statistics and roots are
+  already accumulated. Tensors of rank <= 1 get the graft's step. Everything
+  runs in float32 with full float32 matmuls (``precision="highest"``, no TF32);
+  updates come back in the gradient dtype. ``update`` ignores extra keyword
+  arguments (``stats=``). See :func:`eva_optax.shampoo` for the full optimizer.
 
   Args:
+    matrix_eps: relative ridge ``epsilon > 0`` of the inverse roots (a number,
+      or an array under :func:`optax.inject_hyperparams`); Shampoo's
+      counterpart of damping, so it is the first positional argument.
     stat_decay: ``None`` for running sums (the authors' setting), or the weight
-      in ``[0, 1]`` of the new statistic (float or schedule).
+      in ``[0, 1]`` of the new statistic (a number, an array or a schedule).
     block_size: largest block side; ``None`` means the authors' 128 (a
       ``None`` default also keeps it static under ``optax.inject_hyperparams``).
-    matrix_eps: relative ridge ``epsilon > 0`` of the inverse roots.
     inverse_every: recompute the roots every this many steps (>= 1).
     stats_every: accumulate statistics every this many steps (>= 1).
-    start_preconditioning_step: steps of plain gradient before preconditioning
-      (>= 0; 0 preconditions from the first update, as the authors' 1-indexed
-      ``start_preconditioning_step=1``).
+    start_preconditioning_step: steps of the graft's step before
+      preconditioning (>= 0; 0 preconditions from the first update, as the
+      authors' 1-indexed ``start_preconditioning_step=1``).
+    graft: whose step size each tensor gets: ``"sgd"`` (the paper's setting),
+      ``"adagrad"`` or ``"rmsprop"`` (Adam's bias-corrected second moment);
+      see :mod:`eva_optax._src.grafting`. Pick ``"adagrad"`` or ``"rmsprop"``
+      for Adam-like learning rates.
+    graft_decay: RMSProp's ``beta`` (weight of the old second moment).
+    graft_eps: added to the root of the graft's second moment.
 
   Returns:
-    An :class:`optax.GradientTransformationExtraArgs`.
+    An :class:`optax.GradientTransformationExtraArgs` whose state is a
+    :class:`ScaleByShampooState`.
 
   References:
     Gupta, Koren and Singer, `Shampoo: Preconditioned Stochastic Tensor
@@ -185,107 +330,147 @@ def scale_by_shampoo(
         "(the authors' setting).")
   block_size = validation.static_int(
       "block_size", _DEFAULT_BLOCK_SIZE if block_size is None else block_size)
+  validation.check_not_schedule("matrix_eps", matrix_eps)
   validation.check_positive(
       "matrix_eps", matrix_eps,
       fix="It is the relative ridge of the inverse roots; 1e-6 is typical.")
-  if callable(matrix_eps):
-    raise TypeError("matrix_eps must be a number, not a schedule.")
   validation.check_interval("inverse_every", inverse_every)
   validation.check_interval("stats_every", stats_every)
   validation.check_interval("start_preconditioning_step",
                             start_preconditioning_step, minimum=0)
+  grafting.check(graft, graft_decay, graft_eps)
 
   def init_fn(params):
     def init_leaf(p):
-      if not _is_preconditioned(p):
-        return ()
-      lay = block_layout(p.shape, block_size)
-      eye = lambda d: jnp.broadcast_to(jnp.eye(d, dtype=jnp.float32),
-                                       (lay.num_blocks, d, d))
-      zeros = lambda d: jnp.zeros((lay.num_blocks, d, d), jnp.float32)
-      return {"L": zeros(lay.br), "R": zeros(lay.bc),
-              "L_root": eye(lay.br), "R_root": eye(lay.bc)}
+      if not per_tensor.is_preconditioned(p):
+        return None
+      shapes = _block_shapes(block_layout(p.shape, block_size))
+      eye = lambda s: jnp.broadcast_to(jnp.eye(s[-1], dtype=jnp.float32), s)
+      return {"L": jnp.zeros(shapes["L"], jnp.float32),
+              "R": jnp.zeros(shapes["R"], jnp.float32),
+              "L_root": eye(shapes["L_root"]), "R_root": eye(shapes["R_root"]),
+              "log_scale": jnp.full(shapes["log_scale"], _LOG_ZERO, jnp.float32),
+              "root_log_scale": jnp.zeros(shapes["root_log_scale"], jnp.float32)}
     return ScaleByShampooState(
         **counters.zero_counters(),
-        blocks=jax.tree.map(init_leaf, params))
+        blocks=jax.tree.map(init_leaf, params),
+        graft=jax.tree.map(lambda p: grafting.init(graft, p), params))
 
-  def refresh(blocks):
-    def root(m, old):
-      new = inverse_root(m, _ROOT, matrix_eps)
-      ok = jnp.all(jnp.isfinite(new), axis=(-2, -1), keepdims=True)
-      return jnp.where(ok, new, old)
-    return [b if not b else dict(b, L_root=root(b["L"], b["L_root"]),
-                                 R_root=root(b["R"], b["R_root"]))
-            for b in blocks]
+  def precondition(t, b, lay):
+    """The preconditioned direction of ``t`` (any scale; the caller grafts)."""
+    m = jnp.max(jnp.abs(t))
+    gb = to_blocks(t / jnp.where(m > 0, m, 1.0), lay)
+    p = b["L_root"] @ gb @ b["R_root"]
+    # Block b's true roots carry exp(-log tr / 4) each: the factor below, up to
+    # a constant for the tensor (which grafting removes).
+    e = -0.5 * b["root_log_scale"]
+    p = p * jnp.exp(e - jnp.max(e))[:, None, None]
+    return from_blocks(p, lay)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    leaves, treedef = jax.tree.flatten(updates)
-    old = tree_utils.leaves_like(treedef, state.blocks, "shampoo")
+    names, leaves, treedef = per_tensor.named_leaves(updates)
+    old = per_tensor.leaves_like(treedef, state.blocks, "shampoo")
+    accs = per_tensor.leaves_like(treedef, state.graft, "shampoo")
+    for name, g, b, a in zip(names, leaves, old, accs):
+      _check_leaf(name, g, b, a, graft, block_size)
+    old = [None if b is None else {k: b[k] for k in _KEYS} for b in old]
     count = state.count
+    eps = jnp.asarray(matrix_eps, jnp.float32)
+    ok_hp = validation.valid_positive(eps)
+    ok_hp = ok_hp & grafting.valid(graft, graft_decay, graft_eps)
+    if stat_decay is None:
+      w_old, w_new = jnp.float32(1.0), jnp.float32(1.0)
+    else:
+      xi = jnp.asarray(validation.value_at(stat_decay, count), jnp.float32)
+      ok_hp = ok_hp & validation.valid_unit_interval(xi)
+      first = state.stats_count == 0
+      w_old, w_new = jnp.where(first, 0.0, 1.0 - xi), jnp.where(first, 1.0, xi)
+    grads_finite = counters.all_finite(leaves)
 
     with jax.default_matmul_precision("highest"):
-      # Blocked gradients and this step's statistics.
-      layouts = [block_layout(g.shape, block_size) if _is_preconditioned(g)
-                 else None for g in leaves]
-      gblocks = [to_blocks(g.astype(jnp.float32), lay) if lay else None
-                 for g, lay in zip(leaves, layouts)]
-      obs = [{"L": jnp.einsum("bij,bkj->bik", gb, gb),
-              "R": jnp.einsum("bji,bjk->bik", gb, gb)} if gb is not None else {}
-             for gb in gblocks]
-      averages, due, finite = counters.fold_statistics(
-          state, [{k: b[k] for k in o} for b, o in zip(old, obs)], obs,
-          stat_decay, stats_every)
-      blocks = [{**b, **avg} if b else b for b, avg in zip(old, averages)]
+      tensors = [g.astype(jnp.float32) for g in leaves]
+      layouts = [None if b is None else block_layout(t.shape, block_size)
+                 for t, b in zip(tensors, old)]
+      obs = [None if lay is None else block_statistics(t, lay)
+             for t, lay in zip(tensors, layouts)]
+      due = (count % stats_every) == 0
+      finite = counters.all_finite(obs) & grads_finite
+      accept = due & finite & ok_hp
+      blocks = []
+      for b, o in zip(old, obs):
+        if b is None:
+          blocks.append(None)
+          continue
+        merged = merge_statistics(b, o, w_old, w_new)
+        blocks.append({**b, **{k: jnp.where(accept, merged[k], b[k])
+                               for k in merged}})
 
       # Periodic refresh of the inverse roots, from the statistics just folded in.
-      if any(blocks):
-        blocks = jax.lax.cond((count % inverse_every) == 0, refresh,
-                              lambda bs: bs, blocks)
+      if any(b is not None for b in blocks):
+        blocks = jax.lax.cond(((count % inverse_every) == 0) & ok_hp,
+                              _refresh_roots, _keep_roots,
+                              (blocks, jnp.where(ok_hp, eps, 1.0)))
 
-      # Precondition, graft to the gradient norm, fall back before the start.
-      out = []
-      for g, lay, gb, b in zip(leaves, layouts, gblocks, blocks):
+      # Precondition, graft, fall back to the graft's step before the start.
+      graft_count = count - state.skipped_count - state.invalid_hparam_count
+      started = count >= start_preconditioning_step
+      out, new_accs = [], []
+      for t, lay, b, a in zip(tensors, layouts, blocks, accs):
+        size, a_new = grafting.step(graft, t, a, graft_count, graft_decay,
+                                    graft_eps)
+        new_accs.append(a_new)
         if lay is None:
-          out.append(g)
+          out.append(size)
           continue
-        p = from_blocks(b["L_root"] @ gb @ b["R_root"], lay)
-        t = g.astype(jnp.float32).reshape(lay.m, lay.n)
-        scale = jnp.sqrt(jnp.sum(t * t)) / (jnp.sqrt(jnp.sum(p * p)) + _GRAFT_EPS)
-        p = jnp.where(count >= start_preconditioning_step, p * scale, t)
-        out.append(p.reshape(g.shape).astype(g.dtype))
+        p = grafting.rescale(precondition(t, b, lay), grafting.norm(size))
+        out.append(jnp.where(started, p.reshape(t.shape), size))
 
+    out_finite = counters.all_finite(out)
+    skipped = jnp.logical_not(grads_finite & out_finite)
+    apply = ok_hp & jnp.logical_not(skipped)
+    out = counters.zeros_unless(apply, out)
+    new_accs = [None if a is None else jnp.where(apply, n, a)
+                for a, n in zip(accs, new_accs)]
     new_state = ScaleByShampooState(
-        **counters.advance_counters(state, due, finite),
-        blocks=jax.tree.unflatten(treedef, blocks))
-    return jax.tree.unflatten(treedef, out), new_state
+        **counters.advance_counters(state, due, finite, skipped=skipped,
+                                    invalid_hparam=jnp.logical_not(ok_hp)),
+        blocks=jax.tree.unflatten(treedef, blocks),
+        graft=jax.tree.unflatten(treedef, new_accs))
+    updates = [o.astype(g.dtype) for o, g in zip(out, leaves)]
+    return jax.tree.unflatten(treedef, updates), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def shampoo(
-    learning_rate: Any,
-    momentum: Any = 0.9,
-    weight_decay: Any = 0.0,
+    learning_rate: optax.ScalarOrSchedule,
+    momentum: chex.Numeric | None = 0.9,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    matrix_eps: chex.Numeric = 1e-6,
+    stat_decay: optax.ScalarOrSchedule | None = None,
     *,
-    stat_decay: Any = None,
     block_size: int | None = None,
-    matrix_eps: float = 1e-6,
     inverse_every: int = 1,
     stats_every: int = 1,
     start_preconditioning_step: int = 1,
+    graft: str = "sgd",
+    graft_decay: chex.Numeric = 0.999,
+    graft_eps: chex.Numeric = 1e-8,
     nesterov: bool = False,
+    weight_decay_mask: Any = None,
+    mu_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """Blocked Shampoo with SGD grafting, trained the way the Eva paper trains it.
+  """Blocked Shampoo with grafting, trained the way the Eva paper trains it.
 
   ``chain(scale_by_shampoo, add_decayed_weights(weight_decay), trace(momentum),
-  scale_by_learning_rate(learning_rate))``: the preconditioned (and grafted)
-  gradient of every tensor of rank >= 2, the plain gradient for the rest, then
-  weight decay (added once, never preconditioned), heavy-ball momentum and the
-  learning rate.
+  scale_by_learning_rate(learning_rate))``: the preconditioned and grafted
+  gradient of every tensor of rank >= 2, the graft's step for the rest (the
+  gradient for ``graft="sgd"``), then weight decay (added once, never
+  preconditioned), heavy-ball momentum and the learning rate.
 
   .. math::
-    d_t = \\mathrm{graft}(L^{-1/4} G_t R^{-1/4}) + \\lambda w_t, \\quad
+    d_t = \\mathrm{graft}(L^{-1/4} G_t R^{-1/4}) + \\lambda_t w_t, \\quad
     m_t = \\mu m_{t-1} + d_t, \\quad w_{t+1} = w_t - \\eta_t m_t.
 
   Unlike the authors' port of the Google reference, momentum updates its
@@ -293,19 +478,38 @@ def shampoo(
   and 1-D parameters get weight decay once. The authors' example ignores
   ``damping`` and ``stat_decay`` for Shampoo: they run ``beta2 = 1`` (our
   ``stat_decay=None``), ``block_size=128``, graft SGD. Needs no layer
-  statistics; passing ``stats=`` to ``update`` is harmless.
+  statistics; passing ``stats=`` to ``update`` is harmless. The positional
+  order is the other aliases' ``(learning_rate, momentum, weight_decay,
+  damping, stat_decay)`` with Shampoo's ridge ``matrix_eps`` for ``damping``.
+
+  Which graft: the paper's ``"sgd"`` gives each tensor the gradient's norm, so
+  the learning rate must be one at which heavy-ball SGD is stable on the
+  problem (on Rosenbrock, curvature ~1000, ``lr < 3.8e-3``: at 1e-2 it diverges
+  like SGD); ``"adagrad"`` or ``"rmsprop"`` give steps of about ``lr`` per
+  coordinate, for Adam-like learning rates (distributed Shampoo's usual
+  setting).
 
   Args:
-    learning_rate: float or optax schedule.
-    momentum: heavy-ball momentum (0.9 in the paper); 0 for none.
-    weight_decay: added after preconditioning (5e-4 on CIFAR in the paper).
+    learning_rate: ``eta``, a number, an array or an optax schedule.
+    momentum: heavy-ball ``mu`` (0.9 in the paper); ``None`` for no momentum
+      and no buffer, as ``optax.sgd``.
+    weight_decay: ``lambda`` added after preconditioning (5e-4 on CIFAR in the
+      paper); a number, an array or a schedule.
+    matrix_eps: relative ridge of the inverse roots.
     stat_decay: ``None`` for running sums, or the weight of the new statistic.
     block_size: largest block side (``None``: 128).
-    matrix_eps: relative ridge of the inverse roots.
     inverse_every: root refresh interval in steps.
     stats_every: statistics interval in steps.
-    start_preconditioning_step: steps of plain gradient first.
+    start_preconditioning_step: steps of the graft's step first.
+    graft: ``"sgd"`` (the paper), ``"adagrad"`` or ``"rmsprop"``; see
+      :func:`scale_by_shampoo`.
+    graft_decay: RMSProp's ``beta`` for ``graft="rmsprop"``.
+    graft_eps: added to the root of the graft's second moment.
     nesterov: Nesterov momentum instead of heavy ball.
+    weight_decay_mask: which leaves are decayed, as ``optax.adamw(mask=...)``:
+      a tree of booleans like the params (or a prefix), or a callable of the
+      params returning one; ``None`` decays all.
+    mu_dtype: dtype of the momentum buffer (``None``: the parameters').
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -328,8 +532,13 @@ def shampoo(
     Anil et al., `Scalable Second Order Optimization for Deep Learning
     <https://arxiv.org/abs/2002.09018>`_, 2020.
   """
+  training_chain.check_training_hyperparameters(
+      learning_rate, momentum, weight_decay, weight_decay_mask, mu_dtype)
   pre = scale_by_shampoo(
-      stat_decay=stat_decay, block_size=block_size, matrix_eps=matrix_eps,
+      matrix_eps, stat_decay, block_size=block_size,
       inverse_every=inverse_every, stats_every=stats_every,
-      start_preconditioning_step=start_preconditioning_step)
-  return training_chain(pre, learning_rate, momentum, weight_decay, nesterov)
+      start_preconditioning_step=start_preconditioning_step, graft=graft,
+      graft_decay=graft_decay, graft_eps=graft_eps)
+  return training_chain.training_chain(
+      pre, learning_rate, momentum, weight_decay, nesterov,
+      weight_decay_mask=weight_decay_mask, mu_dtype=mu_dtype)

@@ -25,8 +25,32 @@ class LayerStatistics:
     products of the per-example position means of ``[x, 1]`` and ``dL/dy``.
   * ``a_rows``, ``g_rows`` (``statistics="rows"``): every row, for diagnostics.
 
+  Stacked layers (``nn.scan``, ``nn.vmap`` with per-member parameters) carry the
+  stack axes in front of every array. An embedding's ``A`` is the diagonal of
+  its (one-hot) input factor, a vector. ``view`` says how the layer's
+  parameters are read as ``(d_in + 1, d_out)`` matrices
+  (:class:`eva_optax._src.views.LayerView`).
+
   A layer that has a kernel but is not captured (grouped convolution, an
   unsupported layer type) has every array ``None`` and says why in ``note``.
+
+  Attributes:
+    a: mean input-side vector, with the bias entry 1 last.
+    g: mean output gradient.
+    A: input factor (a vector for embeddings: its diagonal), or None.
+    G: output factor, or None.
+    a_rows: every input-side row (``statistics="rows"``), or None.
+    g_rows: every output-gradient row (``statistics="rows"``), or None.
+    kind: the layer type the capture saw (``"Dense"``, ``"Conv"``, ...).
+    note: why the layer is not captured (empty when it is).
+    view: how the optimizers read the layer's parameters as matrices.
+
+  References:
+    Zhang et al., `Eva: Practical Second-order Optimization with
+    Kronecker-vectorized Approximation <https://openreview.net/forum?id=_Mic8V96Voy>`_,
+    ICLR 2023 (the Kronecker vectors ``a`` and ``g``); Martens & Grosse,
+    `Optimizing Neural Networks with Kronecker-factored Approximate Curvature
+    <https://arxiv.org/abs/1503.05671>`_, ICML 2015 (the factors ``A`` and ``G``).
   """
 
   a: Array | None = None
@@ -37,10 +61,11 @@ class LayerStatistics:
   g_rows: Array | None = None
   kind: str = struct.field(pytree_node=False, default="")
   note: str = struct.field(pytree_node=False, default="")
+  view: Any = struct.field(pytree_node=False, default=None)
 
   @property
   def captured(self) -> bool:
-    """Whether this layer has statistics (False: its gradient passes through)."""
+    """Whether this layer has statistics (when ``False``, its gradient passes through)."""
     return self.a is not None
 
   def __getitem__(self, key: str) -> Any:

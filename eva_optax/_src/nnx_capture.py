@@ -1,0 +1,261 @@
+"""Gradients plus per-layer statistics from unmodified Flax NNX models.
+
+The NNX backend of the capture (the linen one is :mod:`eva_optax._src.capture`;
+both share the layer math, the taps and the statistics). NNX has no method
+interceptor, so the methods of the captured layer classes (``nnx.Linear``,
+``nnx.LinearGeneral``, ``nnx.Conv``, ``nnx.Embed`` and its ``attend``,
+``nnx.Einsum``) are wrapped once, the first time :func:`value_and_grad` runs;
+the wrappers do nothing but call the original unless a capture is active in
+the current context. During a capture every layer module of the model gets a
+probe variable (a subclass of ``nnx.Param``, so ``nnx.scan`` / ``nnx.vmap`` and
+``wrt=nnx.Param`` filters treat it like the weights), and the statistics come
+back as the gradient with respect to the probes from
+:func:`flax.nnx.value_and_grad`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import threading
+from typing import Any, Callable
+
+import jax
+from flax import nnx
+
+from eva_optax._src import capture as linen_capture
+from eva_optax._src import flax_layers
+from eva_optax._src import tap
+from eva_optax._src import tree_utils
+from eva_optax._src import views
+
+_SESSION: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "eva_optax_nnx_session", default=None)
+_ATTR = "eva_optax_probe"
+_LOCK = threading.Lock()
+_WRAPPERS: dict[tuple[type, str], Callable] = {}
+
+
+class Probe(nnx.Param):
+  """The capture's zero probe on a layer module (only while capturing)."""
+
+
+def _describe(module, base, method, args, kwargs, x, y):
+  if getattr(type(module), method) is not _WRAPPERS[(base, method)]:
+    raise flax_layers.NotCaptured(
+        f"{type(module).__name__} overrides {base.__name__}.{method}")
+  has_bias = getattr(module, "bias", None) is not None
+  if base is nnx.Linear:
+    return flax_layers.dense(x, y, has_bias)
+  if base is nnx.LinearGeneral:
+    if len(module.batch_axis):
+      raise flax_layers.NotCaptured("LinearGeneral with batch_axis is not supported")
+    return flax_layers.dense_general(x, y, module.axis, module.out_features,
+                                     has_bias, kind="LinearGeneral")
+  if base is nnx.Conv:
+    from flax.nnx.nn import linear as nnx_linear  # pylint: disable=g-import-not-at-top
+    return flax_layers.conv(
+        x, kernel_size=module.kernel_size, strides=module.strides,
+        padding=module.padding, input_dilation=module.input_dilation,
+        kernel_dilation=module.kernel_dilation, use_bias=has_bias,
+        features=module.out_features,
+        feature_group_count=module.feature_group_count, mask=module.mask,
+        canonicalize_padding=nnx_linear.canonicalize_padding)
+  if base is nnx.Embed:
+    return flax_layers.embed(method, module.num_embeddings, module.features)
+  equation = args[1] if len(args) > 1 else kwargs.get("einsum_str")
+  equation = equation if equation is not None else module.einsum_str
+  return flax_layers.einsum(equation, x, module.kernel_shape, has_bias)
+
+
+def _wrap(base: type, method: str) -> Callable:
+  original = getattr(base, method)
+
+  @functools.wraps(original)
+  def wrapper(self, *args, **kwargs):
+    session = _SESSION.get()
+    probe = vars(self).get(_ATTR) if session is not None else None
+    if probe is None or id(self) in session.active:
+      return original(self, *args, **kwargs)
+    session.active.add(id(self))
+    try:
+      y = original(self, *args, **kwargs)
+    finally:
+      session.active.discard(id(self))
+    x = args[0] if args else next(iter(kwargs.values()))
+    describe = lambda: _describe(self, base, method, args, kwargs, x, y)
+    return tap.handle_call(session, probe.get_value(), describe, x, y,
+                           type(self).__name__)
+
+  return wrapper
+
+
+def install() -> None:
+  """Wraps the captured NNX layer methods (once; idempotent, thread safe)."""
+  with _LOCK:
+    for base, method in ((nnx.Linear, "__call__"), (nnx.LinearGeneral, "__call__"),
+                         (nnx.Conv, "__call__"), (nnx.Embed, "__call__"),
+                         (nnx.Embed, "attend"), (nnx.Einsum, "__call__")):
+      if (base, method) not in _WRAPPERS:
+        wrapper = _wrap(base, method)
+        _WRAPPERS[(base, method)] = wrapper
+        setattr(base, method, wrapper)
+
+
+def _layer_modules(model) -> dict[tuple[str, ...], Any]:
+  """``{path: module}`` of the modules that hold a layer's weight."""
+  params = nnx.state(model, nnx.Param)
+  nodes = tree_utils.find_layers(params)
+  modules = {tuple(str(k) for k in path): node
+             for path, node in nnx.iter_graph(model)
+             if isinstance(node, nnx.Module)}
+  return {path: modules[path] for path in nodes if path in modules}
+
+
+@contextlib.contextmanager
+def _attached(modules: dict, probes: dict):
+  """Probes attached to the layer modules for the duration of the block."""
+  try:
+    for path, value in probes.items():
+      setattr(modules[path], _ATTR, Probe(value))
+    yield
+  finally:
+    for path in probes:
+      if _ATTR in vars(modules[path]):
+        delattr(modules[path], _ATTR)
+
+
+@contextlib.contextmanager
+def _capturing(session: tap.Session):
+  token = _SESSION.set(session)
+  try:
+    yield
+  finally:
+    _SESSION.reset(token)
+
+
+def _discover(loss_fn, has_aux, statistics, model, args, kwargs):
+  """The shape-only pass, on an abstract copy of the model with markers."""
+  modules = _layer_modules(model)
+  params = nnx.state(model, nnx.Param)
+  nodes = tree_utils.find_layers(params)
+  ids = {path: i for i, path in enumerate(nodes)}
+  records, markers = {}, {}
+  for path, node in nodes.items():
+    shape = tuple(views.unbox(node[views.weight_name(node)]).shape)
+    records[ids[path]] = tap.NodeRecord(path=path, weight_shape=shape)
+    if path in modules:
+      markers[path] = tap.marker(ids[path], shape)
+    else:
+      records[ids[path]].reject("its weights are not held by an NNX module")
+  with _attached(modules, markers):
+    graphdef, state = nnx.split(model)
+  abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype)
+                          if hasattr(v, "shape") else v, state)
+
+  def run(st):
+    out = loss_fn(nnx.merge(graphdef, st), *args, **kwargs)
+    return out[0] if has_aux else out
+
+  with _capturing(tap.Session(records, statistics, discovery=True)):
+    jax.eval_shape(run, abstract)
+  tap.close_discovery(records, statistics)
+  return records, ids, params
+
+
+def value_and_grad(loss_fn: Callable[..., Any], has_aux: bool = False, *,
+                   statistics: str = "vectors") -> Callable[..., Any]:
+  """Like :func:`flax.nnx.value_and_grad`, plus per-layer statistics for Eva & co.
+
+  ``loss_fn(model, *args, **kwargs)`` returns a scalar loss (or ``(loss, aux)``
+  with ``has_aux=True``). Every ``nnx.Linear``, ``nnx.LinearGeneral``,
+  ``nnx.Conv``, ``nnx.Embed`` (lookups and ``attend``) and ``nnx.Einsum`` that runs
+  inside ``loss_fn`` is captured, with no change to the model, also under
+  ``nnx.jit``, ``nnx.remat``, ``nnx.vmap`` and ``nnx.scan`` (stacked layers get
+  stacked statistics). The statistics are exactly those of
+  :func:`eva_optax.value_and_grad` for the same network written in linen (see
+  there for their definition).
+
+  Args:
+    loss_fn: the loss function; its first argument is the model.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+    statistics: ``"vectors"``, ``"factors"`` or ``"rows"`` (as
+      :func:`eva_optax.value_and_grad`).
+
+  Returns:
+    A function ``(model, *args, **kwargs) -> (value, grads, stats)``: ``value``
+    and ``grads`` as :func:`flax.nnx.value_and_grad` gives them (gradients of
+    the ``nnx.Param`` variables), and ``stats`` keyed like
+    ``nnx.state(model, nnx.Param)``, one :class:`eva_optax.LayerStatistics` per
+    layer. Pass them on with
+    ``nnx.Optimizer(model, tx, wrt=nnx.Param).update(model, grads, stats=stats)``.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax, eva_optax, eva_optax.nnx
+    >>> from flax import nnx
+    >>> model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu,
+    ...                        nnx.Linear(8, 2, rngs=nnx.Rngs(1)))
+    >>> x, y = jnp.ones((16, 4)), jnp.zeros((16, 2))
+    >>> loss_fn = lambda m, x, y: jnp.mean((m(x) - y) ** 2)
+    >>> optimizer = nnx.Optimizer(model, eva_optax.eva(0.1), wrt=nnx.Param)
+    >>> loss, grads, stats = eva_optax.nnx.value_and_grad(loss_fn)(model, x, y)
+    >>> _ = optimizer.update(model, grads, stats=stats)
+
+  References:
+    Zhang et al., `Eva: Practical Second-order Optimization with
+    Kronecker-vectorized Approximation <https://openreview.net/forum?id=_Mic8V96Voy>`_,
+    ICLR 2023.
+  """
+  linen_capture.check_statistics(statistics)
+  install()
+
+  def grad_fn(model, *args, **kwargs):
+    records, ids, params = _discover(loss_fn, has_aux, statistics, model, args,
+                                     kwargs)
+    modules = _layer_modules(model)
+    nodes = tree_utils.find_layers(params)
+
+    # 2. The real pass: probes attached, nnx.value_and_grad over nnx.Param.
+    probes = {path: tap.node_probe(ids[path], tap.zero_probe(records[ids[path]],
+                                                             statistics))
+              for path in nodes if records[ids[path]].captured}
+    with _attached(modules, probes), _capturing(
+        tap.Session(records, statistics, discovery=False)):
+      value, grads = nnx.value_and_grad(loss_fn, has_aux=has_aux)(
+          model, *args, **kwargs)
+    grads, probe_grads = _split_probes(grads)
+    stats = linen_capture.collect(records, ids, probe_grads, statistics, None)
+    return value, grads, tree_utils.nest(stats, like=params)
+
+  return grad_fn
+
+
+def _split_probes(grads) -> tuple[Any, dict]:
+  """``(grads without the probes, {layer path: probe gradient})``."""
+  probes, rest = nnx.split_state(grads, Probe, ...)
+  found = {tuple(str(k) for k in path[:-1]): var.get_value()
+           for path, var in probes.flat_state()}
+  return rest, found
+
+
+def layer_views(loss_fn: Callable[..., Any], model: Any, *args, **kwargs) -> Any:
+  """The NNX counterpart of :func:`eva_optax.layer_views`.
+
+  Runs the capture's shape-only pass over ``loss_fn(model, *args, **kwargs)``
+  and returns one ``LayerView`` per captured layer, keyed like
+  ``nnx.state(model, nnx.Param)``, for the optimizers' ``layer_views=``
+  (needed for stacked layers and bias-free layers with several output axes).
+
+  Args:
+    loss_fn: the loss function, as given to :func:`value_and_grad`.
+    model: the NNX model.
+    *args: the rest of its arguments (a batch; only shapes matter).
+    **kwargs: its keyword arguments.
+
+  Returns:
+    A tree keyed like ``nnx.state(model, nnx.Param)``.
+  """
+  install()
+  records, ids, params = _discover(loss_fn, False, "vectors", model, args, kwargs)
+  return linen_capture.views_tree(records, ids, params)

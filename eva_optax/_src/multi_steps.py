@@ -20,6 +20,7 @@ import optax
 
 from eva_optax._src import statistics
 from eva_optax._src import tree_utils
+from eva_optax._src import views
 from eva_optax._src.layerwise import LayerwiseState
 from eva_optax._src.statistics import LayerStatistics
 
@@ -32,7 +33,8 @@ _ARRAY_FIELDS = tuple(
     if f.metadata.get("pytree_node", True))
 # Per-row fields have as many rows as the micro-batch: they cannot be averaged.
 _ROW_FIELDS = tuple(f for f in _ARRAY_FIELDS if f.endswith("_rows"))
-# A full factor's leading axes are the shape of the matching Kronecker vector.
+# The Kronecker vector that goes with a factor: a full factor's leading axes
+# (stack axes, then d) are its shape; a diagonal one (an embedding's A) has it.
 _VECTOR_OF_FACTOR = {"A": "a", "G": "g"}
 
 
@@ -49,15 +51,18 @@ class MultiStepsState(NamedTuple):
   acc_stats: Any = ()
 
 
-def _statistics_slots(inner_state: Any) -> dict[str, dict[str, tuple[int, ...]]]:
+def _statistics_slots(inner_state: Any, params: Any
+                      ) -> dict[str, dict[str, tuple[int, ...]]]:
   """Which statistics the wrapped optimizer keeps, per layer, with their shapes.
 
   Read from every :class:`LayerwiseState` in the inner state (also inside
   ``chain``, ``inject_hyperparams`` or ``partition``): a running average named
-  like a :class:`LayerStatistics` field is a statistic to accumulate, and a full
+  like a :class:`LayerStatistics` field is a statistic to accumulate, and a
   factor brings its Kronecker vector along (``A`` -> ``a``), so that an
   accumulated layer still counts as captured.
   """
+  nodes = {tree_utils.path_str(p): n
+           for p, n in tree_utils.find_layers(params).items()}
   slots: dict[str, dict[str, tuple[int, ...]]] = {}
   is_state = lambda x: isinstance(x, LayerwiseState)
   for node in jax.tree.leaves(inner_state, is_leaf=is_state):
@@ -65,11 +70,14 @@ def _statistics_slots(inner_state: Any) -> dict[str, dict[str, tuple[int, ...]]]
       continue
     for name, entries in node.layers.items():
       layer = slots.setdefault(name, {})
+      diagonal = views.weight_name(nodes.get(name, {})) == "embedding"
       for key, value in entries.items():
         if key in _ARRAY_FIELDS and key not in _ROW_FIELDS:
           layer[key] = tuple(value.shape)
         if key in _VECTOR_OF_FACTOR:
-          layer.setdefault(_VECTOR_OF_FACTOR[key], tuple(value.shape[:-1]))
+          shape = tuple(value.shape)
+          layer.setdefault(_VECTOR_OF_FACTOR[key],
+                           shape if diagonal and key == "A" else shape[:-1])
   return slots
 
 
@@ -267,7 +275,7 @@ class MultiSteps:
     gradient_step = jnp.zeros([], jnp.int32)
     _, skip_state = self._skip(optax.tree.zeros_like(params), gradient_step, params)
     acc_stats = {name: {k: jnp.zeros(shape, jnp.float32) for k, shape in slots.items()}
-                 for name, slots in _statistics_slots(inner).items()}
+                 for name, slots in _statistics_slots(inner, params).items()}
     return MultiStepsState(
         mini_step=jnp.zeros([], jnp.int32),
         gradient_step=gradient_step,

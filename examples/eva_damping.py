@@ -23,9 +23,18 @@ commit and date.
 
 from __future__ import annotations
 
+import os
+
+# K-FAC's Cholesky and FOOF's and Shampoo's eigh run in the OpenBLAS bundled
+# with scipy, whose results change with its thread count (and whose threads
+# slow a small shared machine down): one thread, as `make` sets, unless the
+# environment says otherwise. Set before numpy loads, so that running this
+# file directly prints what `make demo` prints.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 import argparse
 import json
-import os
 import sys
 
 import jax

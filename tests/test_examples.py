@@ -151,14 +151,23 @@ def _digits_task():
                       batch_size=64, eval_batch_size=256)
 
 
-def test_harness_writes_json_and_png(tmp_path):
+def _fake_sweep(task, names, centers, **kw):
+  """What harness.sweep.lr_sweep returns, without training (tested below)."""
+  return {"epochs": kw["epochs"], "optimizers": {n: {
+      "center": centers[n], "chosen": centers[n] * 3,
+      "results": [{"learning_rate": centers[n] * f, "val_loss": 1.0 / f}
+                  for f in (1 / 3, 1.0, 3.0)]} for n in names}}
+
+
+def test_harness_writes_json_and_png(tmp_path, monkeypatch):
   task = _digits_task()
+  monkeypatch.setattr(harness.sweep, "lr_sweep", _fake_sweep)
   p = argparse.ArgumentParser()
-  harness.add_common_args(p, "digits", {n: 0.1 for n in harness.OPTIMIZERS})
+  harness.add_common_args(p, "digits", {n: 0.03 for n in harness.OPTIMIZERS})
   args = p.parse_args([
       "--optimizers", "sgd,eva", "--epochs", "1", "--train-subset", "640",
       "--out", str(tmp_path), "--no-progress", "--sweep", "--sweep-epochs",
-      "1", "--sweep-subset", "256", "--sweep-validation", "256"])
+      "1"])
   record = harness.run_comparison(task, args, title="digits", options={})
   with open(tmp_path / "digits.json") as f:
     saved = json.load(f)
@@ -174,8 +183,9 @@ def test_harness_writes_json_and_png(tmp_path):
   assert set(saved["sweep"]["optimizers"]) == {"sgd", "eva"}
   for name in ("sgd", "eva"):
     run = saved["runs"][name]
-    s = saved["sweep"]["optimizers"][name]
-    assert len(s["results"]) >= 3 and s["chosen"] == saved["learning_rates"][name]
+    # The runs train at the sweep's choice.
+    assert saved["learning_rates"][name] == pytest.approx(0.09)
+    assert run["hyperparameters"]["learning_rate"] == pytest.approx(0.09)
     for key in ("epochs", "wall_time_s", "median_step_s", "state_bytes",
                 "hyperparameters", "cosine_mean", "compile_time_s"):
       assert key in run, (name, key)
@@ -195,16 +205,49 @@ def test_harness_writes_json_and_png(tmp_path):
 
   # --append adds a run to the same record and redraws.
   args = p.parse_args([
-      "--optimizers", "eva_f", "--epochs", "1", "--train-subset", "640",
+      "--optimizers", "adam", "--epochs", "1", "--train-subset", "640",
       "--out", str(tmp_path), "--no-progress", "--append"])
   record = harness.run_comparison(task, args, title="digits", options={})
   with open(tmp_path / "digits.json") as f:
     saved = json.load(f)
-  assert list(saved["runs"]) == ["sgd", "eva", "eva_f"]
-  assert set(saved["learning_rates"]) == {"sgd", "eva", "eva_f"}
-  assert saved["appended"][0]["optimizers"] == ["eva_f"]
+  assert list(saved["runs"]) == ["sgd", "adam", "eva"]
+  assert set(saved["learning_rates"]) == {"sgd", "adam", "eva"}
+  assert saved["appended"][0]["optimizers"] == ["adam"]
   assert saved["appended"][0]["provenance"]["git"]["commit"]
-  assert "| Eva-f |" in record["table"]
+  assert saved["runs"]["adam"]["cosine_of"] == "update vs gradient"
+  assert "| Adam |" in record["table"] and "0." in record["table"]
+
+
+def test_lr_sweep_extends_the_grid_at_an_edge(monkeypatch):
+  """The sweep's choice, with the training replaced by a known score:
+  validation loss (log lr - log 0.9)^2, +inf (diverged) above 2."""
+  calls = []
+
+  def fake_train(task, name, lr, epochs, seed, **kw):
+    calls.append((name, lr, kw["eval_sets"]["val"][0].shape[0]))
+    diverged = lr > 2.0
+    val = np.inf if diverged else (np.log(lr) - np.log(0.9)) ** 2
+    return {"epochs": [{"val_loss": val, "train_loss": 1.0}],
+            "diverged": diverged, "time_per_epoch_s": 0.0}
+
+  monkeypatch.setattr(harness.training, "train", fake_train)
+  task = _digits_task()
+  out = harness.lr_sweep(task, ["sgd", "eva"], {"sgd": 0.1, "eva": 2.0},
+                         epochs=1, subset=500, validation=200, seed=0)
+  sgd, eva = out["optimizers"]["sgd"], out["optimizers"]["eva"]
+  # 0.0333, 0.1, 0.3: best at the top edge -> 0.9, again -> 2.7 (twice at most).
+  assert [r["learning_rate"] for r in sgd["results"]] == [0.0333, 0.1, 0.3,
+                                                          0.9, 2.7]
+  assert sgd["chosen"] == 0.9 and sgd["results"][-1]["diverged"]
+  assert sgd["results"][-1]["val_loss"] == np.inf
+  # 0.667, 2, 6: 0.667 is best and at the bottom edge -> 0.222; 0.667 stays best.
+  assert [r["learning_rate"] for r in eva["results"]] == [0.222, 0.667, 2.0,
+                                                          6.0]
+  assert eva["chosen"] == 0.667
+  assert {c[2] for c in calls} == {200}   # scored on the held-out slice
+  with pytest.raises(ValueError, match="exceed"):
+    harness.lr_sweep(task, ["sgd"], {"sgd": 0.1}, epochs=1,
+                     subset=len(task.x_train), validation=1, seed=0)
 
 
 def test_load_adjusted_times_by_hand():
@@ -265,3 +308,58 @@ def test_eva_damping_script_smoke(tmp_path):
     assert np.isfinite(run["final_test_loss"]) and len(run["test_loss"]) == 1
     # Curvature negligible at these dampings: the KL-normalized gradient.
     assert run["cosine_mean"] > 0.999
+
+
+# ----------------------------------------------------------------------------
+# The benchmark's library (benchmarks/benchlib).
+
+
+def _benchlib():
+  bench = os.path.join(ROOT, "benchmarks")
+  if bench not in sys.path:
+    sys.path.insert(0, bench)
+  import benchlib.diagnostics  # pylint: disable=g-import-not-at-top
+  import benchlib.timing  # pylint: disable=g-import-not-at-top
+  return benchlib
+
+
+def test_benchmark_layer_dims_by_hand():
+  benchlib = _benchlib()
+  z = np.zeros
+  params = {"Conv_0": {"kernel": z((3, 3, 1, 8)), "bias": z(8)},
+            "Dense_0": {"kernel": z((392, 10))},          # no bias
+            "LayerNorm_0": {"scale": z(10), "bias": z(10)},
+            "Block": {"DenseGeneral_0": {"kernel": z((10, 2, 3)),
+                                         "bias": z((2, 3))}}}
+  assert benchlib.diagnostics.layer_dims(params) == [
+      ("Conv_0", 9, 8, True), ("Dense_0", 392, 10, False),
+      ("Block/DenseGeneral_0", 10, 6, True)]
+  state = {"count": np.zeros((), np.int32), "mu": z((4, 5), np.float32),
+           "n": np.zeros((2,), np.int64)}
+  assert benchlib.timing.integer_numbers(state) == 3
+
+
+def test_benchmark_hang_timeout_exits_with_stacks():
+  code = ("import sys, time; sys.path.insert(0, 'benchmarks');"
+          "from benchlib import timing; timing.set_hang_timeout(1);"
+          "timing.Runner('sleeper', lambda: time.sleep(30)).window(1)")
+  import subprocess  # pylint: disable=g-import-not-at-top
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, timeout=120,
+                       capture_output=True, text=True)
+  assert out.returncode == 1
+  assert "Timeout (0:00:01)!" in out.stderr and "window" in out.stderr
+
+
+@pytest.mark.parametrize("script", ["autoencoder.py", "classifier.py",
+                                    "eva_damping.py"])
+def test_one_openblas_thread_before_numpy_loads(script):
+  # OpenBLAS's Cholesky and eigh give other bits with other thread counts, so
+  # a script run directly must pin the count before numpy (and scipy) load.
+  with open(os.path.join(EXAMPLES, script)) as f:
+    lines = f.read().splitlines()
+  pin = lines.index('os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")')
+  first_import = min(i for i, l in enumerate(lines)
+                     if l.startswith(("import numpy", "import jax", "import flax",
+                                      "import optax", "import datasets",
+                                      "import harness", "import autoencoder")))
+  assert pin < first_import

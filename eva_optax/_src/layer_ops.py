@@ -39,6 +39,13 @@ def data_ones(x: Array) -> Array:
   return jnp.where(jnp.isnan(x), 1.0, 1.0).astype(_F32)
 
 
+def _vary_like_data(zeros: Array, x: Array) -> Array:
+  """``zeros`` cast to vary (inside ``shard_map``) along the axes ``x`` varies."""
+  mat = getattr(jax.typeof(x), "mat", None)
+  axes = tuple(sorted(getattr(mat, "varying", ()) or ()))
+  return jax.lax.pcast(zeros, axes, to="varying") if axes else zeros
+
+
 def side_from_rows(r: Array, mode: str, *, bias: bool = False,
                    diagonal: bool = False) -> dict[str, Array]:
   """Sums of one side from its rows ``r`` of shape (examples, positions, d)."""
@@ -142,9 +149,11 @@ class ConvCall:
   def _patch_sum(self, x: Array) -> Array:
     """Sum of every patch of ``x`` (one leading batch axis), kernel order."""
     k0 = jnp.zeros(self.kernel_size + (x.shape[-1], 1), _F32)
-    fn = lambda k: self._conv(x, k)
-    out = jax.eval_shape(fn, k0)
-    (k_sum,) = jax.linear_transpose(fn, k0)(jnp.ones(out.shape, _F32))
+    # Inside shard_map the kernel must vary like x, or the transpose would
+    # already sum the patches over the shards (the capture sums them later).
+    k0 = _vary_like_data(k0, x)
+    out, transpose = jax.vjp(lambda k: self._conv(x, k), k0)  # linear in k
+    (k_sum,) = transpose(jnp.ones_like(out))   # ones_like: same shard_map type
     return k_sum.reshape(-1)
 
   def _patch_rows(self, x: Array) -> Array:

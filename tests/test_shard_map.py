@@ -1,0 +1,51 @@
+"""value_and_grad(..., axis_name=...) inside jax.shard_map (check_vma on) and pmap.
+
+The script tests/multidevice/shard_map_stats.py runs in a fresh interpreter with
+8 virtual CPU devices (see its docstring); here are the checks on what it prints.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+
+from multidevice_util import run_script
+
+# Statistics of the global batch, to float32 round-off of a sum in another
+# order; 5 training steps to round-off amplified by the curvature (the 1-device
+# runs of tests/multidevice/jit_data_parallel.py measure that floor at ~4e-6).
+STATS_TOL = 1e-5
+TRAIN_TOL = 1e-4
+
+
+@functools.lru_cache(maxsize=None)
+def _result():
+  return run_script("shard_map_stats.py", devices=8, timeout=900)
+
+
+@pytest.mark.parametrize("case", ["stats_factors_vma", "stats_vectors_vma",
+                                  "stats_factors_novma"])
+def test_shard_map_gives_the_global_loss_grads_and_statistics(case):
+  errors = _result()[case]
+  assert {"Conv_0.a", "Conv_0.g", "Dense_0.a", "Dense_0.g"} <= set(errors)
+  bad = {k: v for k, v in errors.items() if not v < STATS_TOL}
+  assert not bad, bad
+
+
+def test_naive_average_of_shard_statistics_is_the_bug_the_test_can_see():
+  # Averaging each shard's statistics (each under its own mean loss) leaves g
+  # 8x and G 64x off on 8 shards: far outside the tolerance above.
+  for key, err in _result()["naive"].items():
+    assert err > 6.0, (key, err)
+
+
+@pytest.mark.parametrize("name", ["eva", "eva_f", "eva_s", "kfac", "foof",
+                                  "shampoo"])
+def test_five_steps_inside_shard_map_equal_one_device(name):
+  assert _result()["train"][name] < TRAIN_TOL
+
+
+@pytest.mark.parametrize("name", ["eva", "kfac"])
+def test_five_steps_under_pmap_equal_one_device(name):
+  assert _result()["pmap"][name] < TRAIN_TOL

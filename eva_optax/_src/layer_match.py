@@ -178,6 +178,14 @@ def match(method, updates: Any, state_layers: dict, stats: Any) -> list[Matched]
     for key, value in obs.items():
       have = tuple(state_layers[n][key].shape)
       if have != tuple(value.shape):
+        inferred = _fit_bias(views_lib.infer(node), node)
+        if have != inferred.stack + stat_shape(key, inferred):
+          raise ValueError(
+              f"{where}: the optimizer state holds {key!r} of shape {have}, "
+              "which fits neither these gradients nor their statistics: the "
+              "optimizer was initialised for other parameters (another model, "
+              "or other layer shapes). Re-initialise it with tx.init(params) "
+              "for these parameters.")
         raise ValueError(
             f"{where}: the optimizer state holds {key!r} of shape {have}, "
             f"initialised from the parameters' shapes alone, but the layer is a "

@@ -168,9 +168,10 @@ class MultiSteps:
   ``optax.MultiSteps`` averages gradients); which statistics, and their shapes,
   are read from the wrapped optimizer's initial state, so the accumulator holds
   only what it averages (Eva: ``a`` and ``g``, ``d_in + 1 + d_out`` floats per
-  layer; K-FAC also ``A`` and ``G``; Eva-s, Shampoo and optax's own optimizers:
-  nothing, and ``stats`` are not passed on). Fields it does not average reach it
-  as ``None``.
+  layer; Eva-f: ``a``; K-FAC: ``A``, ``G`` and their vectors ``a``, ``g``; FOOF:
+  ``A`` and ``a``; Eva-s, Shampoo and optax's own optimizers: nothing, and
+  ``stats`` are not passed on). Fields it does not average reach it as
+  ``None``.
 
   Semantics shared with ``optax.MultiSteps`` (same arguments, state fields
   ``mini_step``, ``gradient_step``, ``inner_opt_state``, ``acc_grads`` and
@@ -238,8 +239,8 @@ class MultiSteps:
                       f"every_k_schedule={every_k_schedule!r}.")
     if isinstance(every_k_schedule, numbers.Integral):
       if every_k_schedule < 1:
-        raise ValueError("MultiSteps: every_k_schedule must be >= 1 (1 updates "
-                         f"on every step), got every_k_schedule={every_k_schedule}.")
+        raise ValueError("MultiSteps: every_k_schedule must be >= 1 (1: an "
+                         f"update on every micro-step), got every_k_schedule={every_k_schedule}.")
       k = int(every_k_schedule)
       self._every_k_schedule = lambda step: k
     else:
@@ -251,10 +252,7 @@ class MultiSteps:
     self._use_grad_mean = use_grad_mean
     self._accumulator_dtype = (None if accumulator_dtype is None
                                else jax.dtypes.canonicalize_dtype(accumulator_dtype))
-    if should_skip_update_fn is None:
-      self._should_skip_update_fn = None
-    else:
-      self._should_skip_update_fn = should_skip_update_fn
+    self._should_skip_update_fn = should_skip_update_fn
 
   @property
   def inner_opt(self) -> Any:

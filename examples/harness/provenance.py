@@ -4,7 +4,8 @@ Every JSON written by an example or a benchmark carries
 ``record["provenance"] = provenance.collect()``, so that two runs of the same
 version can be told apart and a table can say which commit produced it::
 
-    {"git": {"commit": "ce9e377...", "dirty": true, "dirty_files": [...]},
+    {"git": {"commit": "ce9e377...", "dirty": true, "dirty_files": [...],
+             "untracked_files": [...], ...},
      "command": "python examples/demo.py --epochs 6", "argv": [...],
      "cwd": "/work/main", "date": "2026-12-02T11:20:20+00:00",
      "versions": {"python": ..., "jax": ..., "jaxlib": ..., "flax": ...,
@@ -12,9 +13,9 @@ version can be told apart and a table can say which commit produced it::
      "device": {"platform": "cpu", "kind": "cpu", "count": 1, ...},
      "environment": {"OPENBLAS_NUM_THREADS": "1", "XLA_FLAGS": null, ...}}
 
-``dirty`` is true when tracked files differ from the commit (``dirty_files``
-lists them), so a dirty run's numbers may come from code that no commit
-holds. ``command`` is the process's own command line; a run started from
+``dirty`` is true when tracked files differ from the commit or untracked
+files are present (``dirty_files``, ``untracked_files`` list them), so a dirty
+run's numbers may come from code that no commit holds. ``command`` is the process's own command line; a run started from
 Python (a test calling ``main(argv)``) records that process's command, and the
 parsed flags are in the record's ``config``.
 
@@ -62,18 +63,30 @@ def _git(*args: str) -> str | None:
   return out.stdout.strip()
 
 
-def git_state() -> dict[str, Any]:
-  """``{"commit", "dirty", "dirty_files"}`` of the repository holding this file.
+MAX_FILES = 100  # longer file lists are cut (the count is kept)
 
-  ``commit`` is None outside a git checkout (e.g. an unpacked sdist); then
-  ``dirty`` is None too.
+
+def git_state() -> dict[str, Any]:
+  """``{"commit", "dirty", "dirty_files", "untracked_files", ...}`` of the
+  repository holding this file.
+
+  ``dirty`` is true when tracked files differ from the commit or files that
+  git does not ignore are untracked (an untracked module can be imported, so
+  either may make the run's code differ from the commit's). ``commit`` is None
+  outside a git checkout (e.g. an unpacked sdist); then ``dirty`` is None too.
   """
   commit = _git("rev-parse", "HEAD")
   if not commit:
-    return {"commit": None, "dirty": None, "dirty_files": []}
-  status = _git("status", "--porcelain", "--untracked-files=no") or ""
-  files = [line[3:] for line in status.splitlines() if line.strip()]
-  return {"commit": commit, "dirty": bool(files), "dirty_files": files}
+    return {"commit": None, "dirty": None, "dirty_files": [],
+            "untracked_files": []}
+  status = _git("status", "--porcelain", "--untracked-files=all") or ""
+  lines = [line for line in status.splitlines() if line.strip()]
+  changed = [line[3:] for line in lines if not line.startswith("??")]
+  untracked = [line[3:] for line in lines if line.startswith("??")]
+  return {"commit": commit, "dirty": bool(changed or untracked),
+          "dirty_files": changed[:MAX_FILES], "n_dirty_files": len(changed),
+          "untracked_files": untracked[:MAX_FILES],
+          "n_untracked_files": len(untracked)}
 
 
 def _version(package: str) -> str | None:

@@ -18,11 +18,22 @@ Tolerances (all relative to the parameter change of the 5-step reference,
   (float32 sums of 64 rows in another order: measured <= 1.6e-7).
 * bf16: the 8-device bf16 run may differ from the 1-device bf16 run by no more
   than the 1-device bf16 run differs from float32, and by at most 5e-2.
+
+The smoke test of benchmarks/scaling.py (``--quick``, 2 devices) checks its
+traffic figures against the analytic counts.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import subprocess
+import sys
+
+from multidevice_util import FAST_COMPILE
+from multidevice_util import REPO_ROOT
 from multidevice_util import run_script
+from multidevice_util import script_env
 
 OPTIMIZERS = ("eva", "eva_f", "eva_s", "kfac", "foof", "shampoo")
 BF16_OPTIMIZERS = ("eva", "kfac")
@@ -31,9 +42,6 @@ WITH_STATS = {"eva": ("a", "g"), "eva_f": ("a", "g"), "kfac": ("a", "g", "A", "G
 F32_CAP = 1e-5
 STATS_TOL = 1e-6
 BF16_CAP = 5e-2
-# The compile-only XLA backend optimisation level 0 cuts compile time ~3x here
-# (both sides of every comparison are compiled with it).
-FAST_COMPILE = {"XLA_FLAGS": "--xla_backend_optimization_level=0"}
 
 
 def f32_tolerance(floor: float) -> float:
@@ -126,3 +134,34 @@ def test_jit_shardings_equal_one_device():
   _check_fsdp_shardings(result, failures)
   _check_bf16(result, failures)
   assert not failures, "\n".join(failures)
+
+
+def test_scaling_benchmark_quick(tmp_path):
+  """benchmarks/scaling.py --quick on 2 devices: the bytes in collectives per step.
+
+  SGD all-reduces the gradient and the loss; Eva adds its Kronecker vectors, the
+  paper's ``d_in + 1 + d_out`` floats per layer (up to the row count per layer that
+  the capture reduces with them); K-FAC adds its full factors.
+  """
+  out = tmp_path / "scaling.json"
+  cmd = [sys.executable, "benchmarks/scaling.py", "--quick", "--devices", "2",
+         "--optimizers", "eva,kfac", "--out", str(out)]
+  proc = subprocess.run(cmd, cwd=REPO_ROOT, env=script_env(None), capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  assert "| 2 |" in proc.stdout, proc.stdout
+  record = json.loads(out.read_text())
+  assert (tmp_path / "scaling.png").stat().st_size > 0
+  assert record["provenance"]["versions"]["jax"]
+  (row,) = record["summary"]["rows"]
+  floats = record["summary"]["analytic_floats"]
+  layers = floats["layers"]
+  assert row["devices"] == 2
+  assert row["sgd_bytes"] == 4 * (floats["gradient"] + floats["loss"])
+  eva = row["optimizers"]["eva"]["extra_bytes_vs_sgd"] // 4
+  assert floats["eva_without_bias_entry"] <= eva <= floats["eva"] + 2 * layers, eva
+  kfac = row["optimizers"]["kfac"]["extra_bytes_vs_sgd"] // 4
+  assert floats["kfac"] <= kfac <= floats["kfac"] + 2 * layers, kfac
+  for name, o in row["optimizers"].items():
+    assert math.isfinite(o["ratio_vs_sgd"]) and o["ratio_vs_sgd"] > 0, name
+    assert o["nested_bytes"] == 0, name   # nothing communicated inside cond/while

@@ -6,20 +6,24 @@ devices each on a localhost coordinator (each process feeding only its half of
 every batch), once as 1 process with 8 devices. The two runs execute the same
 SPMD program over the same 8-device mesh, so the reductions group the same
 partial sums; only the transport differs (gloo over TCP against in-process).
-Tolerance: 1e-6 of the parameter change, and 1e-6 relative per statistic
-(measured: see the report in the test's failure message).
+The all-reduce inside gloo may add the partial sums in another order, so the
+results agree to float32 round-off, not bit for bit. Tolerances: 1e-5 of the
+parameter change (as tests/test_multidevice.py; measured 5.5e-7 for eva and
+2.7e-7 for kfac, printed under ``pytest -rP``), 1e-6 relative per statistic of
+step 1 and per loss.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from multidevice_util import FAST_COMPILE
 from multidevice_util import run_processes
 from multidevice_util import run_script
 
 OPTIMIZERS = ("eva", "kfac")
-FAST_COMPILE = {"XLA_FLAGS": "--xla_backend_optimization_level=0"}
-TOL = 1e-6
+TOL = 1e-5         # of the parameter change
+STATS_TOL = 1e-6   # relative, per statistic and loss
 
 
 def _flat(tree) -> np.ndarray:
@@ -58,10 +62,10 @@ def test_two_processes_equal_one_process():
         for f, v in fields.items():
           ref_v = np.asarray(v, np.float64)
           e = np.linalg.norm(np.asarray(got["stats"][layer][f]) - ref_v) / np.linalg.norm(ref_v)
-          if not e <= TOL:
+          if not e <= STATS_TOL:
             failures.append(f"{name} process {r['process_id']}: statistic "
-                            f"{layer}.{f} differs by {e:.3g} (> {TOL:g})")
-      if not np.allclose(got["losses"], want["losses"], rtol=1e-6, atol=0):
+                            f"{layer}.{f} differs by {e:.3g} (> {STATS_TOL:g})")
+      if not np.allclose(got["losses"], want["losses"], rtol=STATS_TOL, atol=0):
         failures.append(f"{name} process {r['process_id']}: losses {got['losses']} "
                         f"vs {want['losses']}")
   print("\n".join(report))     # shown by pytest -rP

@@ -115,15 +115,18 @@ class Runner:
     self.params0 = jax.device_put(params0, self.p_sh)
     self.s_sh = state_shardings(tx, params0, self.p_sh, self.rep)
     self.state0 = jax.jit(tx.init, out_shardings=self.s_sh)(self.params0)
-    t0 = time.perf_counter()
-    self.compiled = jax.jit(
+    t0, c0 = time.perf_counter(), time.process_time()
+    lowered = jax.jit(
         step, in_shardings=(self.p_sh, self.s_sh, self.batch_sh, self.batch_sh,
                             self.rep),
         out_shardings=(self.p_sh, self.s_sh, self.rep, None)).lower(
             self.params0, self.state0, self.batch(xs[0]), self.batch(ys[0]),
-            self.scale(1.0)).compile()
+            self.scale(1.0))
+    c1 = time.process_time()
+    self.compiled = lowered.compile()
     self.compile_s = time.perf_counter() - t0
-    log(f"{self.label}: compiled in {self.compile_s:.1f} s")
+    log(f"{self.label}: traced and compiled in {self.compile_s:.1f} s "
+        f"({c1 - c0:.1f} + {time.process_time() - c1:.1f} s CPU)")
 
   def batch(self, v):
     return jax.device_put(v, self.batch_sh)

@@ -28,7 +28,24 @@ _NO_PARAMS = ("adaptive needs params (the model's parameters) in update: "
 
 
 class AdaptiveState(NamedTuple):
-  """State of :func:`adaptive`."""
+  """State of :func:`adaptive` (see it for the math and the references).
+
+  Attributes:
+    count: update calls so far (int32).
+    damping: ``lambda``, the damping of the quadratic model (float32).
+    coefficients: ``(alpha, mu)`` of the last step; zeros for a safe step.
+    quad_change: ``q(u)`` of the last step, ``lambda`` included (0 for a safe
+      step).
+    rho: the last reduction ratio measured (NaN before the first).
+    nonfinite_count: zero steps taken because the gradient, the direction, the
+      previous update or the model's products were not finite.
+    curvature_count: steps with non-positive curvature along ``d``, a
+      non-negative ``q``, or an unusable 2x2 system (the 1-D step or a zero step
+      was taken instead).
+    rejected_count: steps rejected because the loss rose (adaptation steps).
+    velocity: the previous update ``p``.
+    inner_state: the direction's state.
+  """
 
   count: Array            # shape=(), int32: update calls so far.
   damping: Array          # shape=(), float32: lambda of the quadratic model.

@@ -49,6 +49,10 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+#: The losses :func:`eva_optax.adaptive` knows the output Hessian of:
+#: ``"mse"`` (``mean((y - t)^2)`` over all elements), ``"softmax_cross_entropy"``
+#: (mean over rows, classes on the last axis) and ``"sigmoid_cross_entropy"``
+#: (mean over all elements).
 LOSSES = ("mse", "softmax_cross_entropy", "sigmoid_cross_entropy")
 
 

@@ -63,6 +63,7 @@ def scale_by_eva(
     kl_normalize: bool = False,
     learning_rate: optax.ScalarOrSchedule | None = None,
     stats_every: int = 1,
+    layer_views: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Eva's preconditioning only (no momentum, weight decay or learning rate).
 
@@ -98,6 +99,10 @@ def scale_by_eva(
     learning_rate: the optimizer's learning rate (a number or a schedule); only
       the KL-clip uses it.
     stats_every: fold statistics into the averages every this many steps.
+    layer_views: how the capture reads each layer, from
+      :func:`eva_optax.layer_views` (or a stats tree); needed only where the
+      shapes alone are ambiguous at ``init`` (stacked layers, bias-free
+      layers with several output axes, Einsum kernels).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``update`` takes
@@ -114,7 +119,8 @@ def scale_by_eva(
       EVA, damping=damping, stat_decay=stat_decay, stats_every=stats_every,
       refresh_every=1,
       scaling=training_chain.resolve_scaling(kl_clip, kl_normalize, "none"),
-      kl_clip=kl_clip, learning_rate=learning_rate)
+      kl_clip=kl_clip, learning_rate=learning_rate,
+      layer_views=layer_views)
 
 
 def scale_by_eva_f(
@@ -125,6 +131,7 @@ def scale_by_eva_f(
     kl_normalize: bool = False,
     learning_rate: optax.ScalarOrSchedule | None = None,
     stats_every: int = 1,
+    layer_views: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Eva-f's preconditioning only: ``U = (a a^T + gamma I)^{-1} G_hat``.
 
@@ -149,6 +156,10 @@ def scale_by_eva_f(
     kl_normalize: apply the journal KL-normalization.
     learning_rate: the optimizer's learning rate, for the KL-clip only.
     stats_every: fold statistics into the average every this many steps.
+    layer_views: how the capture reads each layer, from
+      :func:`eva_optax.layer_views` (or a stats tree); needed only where the
+      shapes alone are ambiguous at ``init`` (stacked layers, bias-free
+      layers with several output axes, Einsum kernels).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``update`` takes
@@ -166,7 +177,8 @@ def scale_by_eva_f(
       EVA_F, damping=damping, stat_decay=stat_decay, stats_every=stats_every,
       refresh_every=1,
       scaling=training_chain.resolve_scaling(kl_clip, kl_normalize, "none"),
-      kl_clip=kl_clip, learning_rate=learning_rate)
+      kl_clip=kl_clip, learning_rate=learning_rate,
+      layer_views=layer_views)
 
 
 def eva(
@@ -179,6 +191,7 @@ def eva(
     kl_clip: float | None = None,
     kl_normalize: bool | None = None,
     stats_every: int = 1,
+    layer_views: Any = None,
     nesterov: bool = False,
     weight_decay_mask: Any = None,
     mu_dtype: Any = None,
@@ -213,6 +226,10 @@ def eva(
     kl_clip: ``kappa`` of the ICLR KL-clip (0.001 in the paper), or ``None``.
     kl_normalize: journal KL-normalization; ``None`` means "unless kl_clip".
     stats_every: statistics refresh interval in steps (1 in the paper).
+    layer_views: how the capture reads each layer, from
+      :func:`eva_optax.layer_views` (or a stats tree); needed only where the
+      shapes alone are ambiguous at ``init`` (stacked layers, bias-free
+      layers with several output axes, Einsum kernels).
     nesterov: Nesterov momentum instead of heavy ball.
     weight_decay_mask: which leaves are decayed, as ``optax.adamw(mask=...)``:
       a tree of booleans like the params (or a prefix), or a callable of the
@@ -243,7 +260,8 @@ def eva(
       scale_by_eva, learning_rate, momentum, weight_decay, damping, stat_decay,
       kl_clip=kl_clip, kl_normalize=kl_normalize, default_scaling="kl_normalize",
       nesterov=nesterov, weight_decay_mask=weight_decay_mask,
-      mu_dtype=mu_dtype, stats_every=stats_every)
+      mu_dtype=mu_dtype, stats_every=stats_every,
+      layer_views=layer_views)
 
 
 def eva_f(
@@ -256,6 +274,7 @@ def eva_f(
     kl_clip: float | None = None,
     kl_normalize: bool | None = None,
     stats_every: int = 1,
+    layer_views: Any = None,
     nesterov: bool = False,
     weight_decay_mask: Any = None,
     mu_dtype: Any = None,
@@ -284,6 +303,10 @@ def eva_f(
     kl_clip: ``kappa`` of the ICLR KL-clip, or ``None``.
     kl_normalize: journal KL-normalization; ``None`` means "unless kl_clip".
     stats_every: statistics refresh interval in steps.
+    layer_views: how the capture reads each layer, from
+      :func:`eva_optax.layer_views` (or a stats tree); needed only where the
+      shapes alone are ambiguous at ``init`` (stacked layers, bias-free
+      layers with several output axes, Einsum kernels).
     nesterov: Nesterov momentum instead of heavy ball.
     weight_decay_mask: which leaves are decayed, as ``optax.adamw(mask=...)``.
     mu_dtype: dtype of the momentum buffer (``None``: the parameters').
@@ -304,4 +327,5 @@ def eva_f(
       scale_by_eva_f, learning_rate, momentum, weight_decay, damping, stat_decay,
       kl_clip=kl_clip, kl_normalize=kl_normalize, default_scaling="kl_normalize",
       nesterov=nesterov, weight_decay_mask=weight_decay_mask,
-      mu_dtype=mu_dtype, stats_every=stats_every)
+      mu_dtype=mu_dtype, stats_every=stats_every,
+      layer_views=layer_views)

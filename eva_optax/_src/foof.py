@@ -100,6 +100,7 @@ def scale_by_foof(
     kl_normalize: bool = False,
     learning_rate: optax.ScalarOrSchedule | None = None,
     stats_every: int = 1,
+    layer_views: Any = None,
     inverse_every: int = 1,
     top_k: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -129,6 +130,10 @@ def scale_by_foof(
     kl_normalize: apply the journal KL-normalization instead.
     learning_rate: the optimizer's learning rate, for the KL-clip only.
     stats_every: fold factors into the average every this many steps (>= 1).
+    layer_views: how the capture reads each layer, from
+      :func:`eva_optax.layer_views` (or a stats tree); needed only where the
+      shapes alone are ambiguous at ``init`` (stacked layers, bias-free
+      layers with several output axes, Einsum kernels).
     inverse_every: recompute the eigendecomposition every this many steps.
     top_k: keep the ``top_k`` largest eigenpairs (``None``: all, exact).
 
@@ -146,7 +151,8 @@ def scale_by_foof(
       _method(top_k), damping=damping, stat_decay=stat_decay,
       stats_every=stats_every, refresh_every=inverse_every,
       scaling=training_chain.resolve_scaling(kl_clip, kl_normalize, "none"),
-      kl_clip=kl_clip, learning_rate=learning_rate)
+      kl_clip=kl_clip, learning_rate=learning_rate,
+      layer_views=layer_views)
 
 
 def foof(
@@ -159,6 +165,7 @@ def foof(
     kl_clip: float | None = 0.001,
     kl_normalize: bool | None = None,
     stats_every: int = 1,
+    layer_views: Any = None,
     inverse_every: int = 1,
     top_k: int | None = None,
     nesterov: bool = False,
@@ -188,6 +195,10 @@ def foof(
     kl_clip: ``kappa`` of the KL-clip (0.001, the paper's), or ``None``.
     kl_normalize: journal KL-normalization instead (with ``kl_clip=None``).
     stats_every: factor interval in steps.
+    layer_views: how the capture reads each layer, from
+      :func:`eva_optax.layer_views` (or a stats tree); needed only where the
+      shapes alone are ambiguous at ``init`` (stacked layers, bias-free
+      layers with several output axes, Einsum kernels).
     inverse_every: eigendecomposition interval in steps (50 in the journal runs).
     top_k: keep the ``top_k`` largest eigenpairs (``None``: all, exact).
     nesterov: Nesterov momentum instead of heavy ball.
@@ -207,4 +218,5 @@ def foof(
       kl_clip=kl_clip, kl_normalize=kl_normalize, default_scaling="none",
       nesterov=nesterov, weight_decay_mask=weight_decay_mask,
       mu_dtype=mu_dtype, stats_every=stats_every, inverse_every=inverse_every,
-      top_k=top_k)
+      top_k=top_k,
+      layer_views=layer_views)

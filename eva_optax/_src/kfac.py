@@ -96,6 +96,7 @@ def scale_by_kfac(
     kl_normalize: bool = False,
     learning_rate: optax.ScalarOrSchedule | None = None,
     stats_every: int = 1,
+    layer_views: Any = None,
     inverse_every: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
   """K-FAC's preconditioning only (no momentum, weight decay or learning rate).
@@ -126,6 +127,10 @@ def scale_by_kfac(
     kl_normalize: apply the journal KL-normalization instead.
     learning_rate: the optimizer's learning rate, for the KL-clip only.
     stats_every: fold factors into the averages every this many steps (>= 1).
+    layer_views: how the capture reads each layer, from
+      :func:`eva_optax.layer_views` (or a stats tree); needed only where the
+      shapes alone are ambiguous at ``init`` (stacked layers, bias-free
+      layers with several output axes, Einsum kernels).
     inverse_every: recompute the damped inverses every this many steps (>= 1).
 
   Returns:
@@ -141,7 +146,8 @@ def scale_by_kfac(
       KFAC, damping=damping, stat_decay=stat_decay, stats_every=stats_every,
       refresh_every=inverse_every,
       scaling=training_chain.resolve_scaling(kl_clip, kl_normalize, "none"),
-      kl_clip=kl_clip, learning_rate=learning_rate)
+      kl_clip=kl_clip, learning_rate=learning_rate,
+      layer_views=layer_views)
 
 
 def kfac(
@@ -154,6 +160,7 @@ def kfac(
     kl_clip: float | None = 0.001,
     kl_normalize: bool | None = None,
     stats_every: int = 1,
+    layer_views: Any = None,
     inverse_every: int = 1,
     nesterov: bool = False,
     weight_decay_mask: Any = None,
@@ -184,6 +191,10 @@ def kfac(
     kl_clip: ``kappa`` of the KL-clip (0.001, the paper's), or ``None``.
     kl_normalize: journal KL-normalization instead (with ``kl_clip=None``).
     stats_every: factor interval in steps.
+    layer_views: how the capture reads each layer, from
+      :func:`eva_optax.layer_views` (or a stats tree); needed only where the
+      shapes alone are ambiguous at ``init`` (stacked layers, bias-free
+      layers with several output axes, Einsum kernels).
     inverse_every: inverse refresh interval in steps (10 on CIFAR in the paper).
     nesterov: Nesterov momentum instead of heavy ball.
     weight_decay_mask: which leaves are decayed, as ``optax.adamw(mask=...)``.
@@ -213,4 +224,5 @@ def kfac(
       scale_by_kfac, learning_rate, momentum, weight_decay, damping, stat_decay,
       kl_clip=kl_clip, kl_normalize=kl_normalize, default_scaling="none",
       nesterov=nesterov, weight_decay_mask=weight_decay_mask,
-      mu_dtype=mu_dtype, stats_every=stats_every, inverse_every=inverse_every)
+      mu_dtype=mu_dtype, stats_every=stats_every, inverse_every=inverse_every,
+      layer_views=layer_views)

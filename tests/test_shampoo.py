@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from eva_optax._src import shampoo as shampoo_lib
+from eva_optax._src import shampoo_blocks
 
 RTOL = 1e-4
 # Relative ridge of the roots in the reference comparisons. One or a few
@@ -122,7 +123,7 @@ def test_blocked_matches_per_block_reference(shape):
     ref = _np_shampoo(grads[steps - 1], grads[:steps], 4, EPS)
     assert _rel(outs[steps - 1], ref) < RTOL
   # Padding (10 -> 12 rows, 6 -> 8 columns) stays out of the statistics.
-  lay = shampoo_lib.block_layout(shape, 4)
+  lay = shampoo_blocks.block_layout(shape, 4)
   left = np.asarray(states[-1].blocks["L"]).reshape(lay.nr, lay.nc, 4, 4)
   pad_rows = lay.nr * 4 - shape[0]
   if pad_rows:

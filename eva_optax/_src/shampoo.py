@@ -7,11 +7,11 @@ pair per block, as in the scalable Shampoo of Anil et al. The state per block is
 the two statistics and their two inverse roots, ``2 (b_r^2 + b_c^2)`` floats for
 a ``b_r x b_c`` block, plus two scalars.
 
-Numerics: the statistics are kept as ``(L / tr L, R / tr R, log tr L)`` per
-block (``tr L = tr R``), built from the gradient scaled by its max-abs, so
-that gradients up to float32's largest neither overflow the running sums nor
-the roots; the roots are of the normalized statistics, and each block's scale
-enters the preconditioned direction as a factor computed in log space.
+Numerics: the statistics are kept divided by their trace, with the log of the
+trace beside them (:mod:`eva_optax._src.shampoo_blocks`), so that gradients up
+to float32's largest overflow neither the running sums nor the roots; each
+block's scale enters the preconditioned direction as a factor computed in log
+space.
 
 References:
   Gupta, Koren and Singer, `Shampoo: Preconditioned Stochastic Tensor
@@ -23,7 +23,6 @@ References:
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import chex
@@ -33,133 +32,14 @@ import optax
 
 from eva_optax._src import counters
 from eva_optax._src import grafting
-from eva_optax._src import linalg
 from eva_optax._src import per_tensor
+from eva_optax._src import shampoo_blocks
 from eva_optax._src import training_chain
 from eva_optax._src import validation
 
 Array = jax.Array
 
-_ROOT = 4          # L^{-1/4} G R^{-1/4}: the 2-D Shampoo exponent -1/(2 r), r = 2.
 _DEFAULT_BLOCK_SIZE = 128  # the authors' block size
-# log tr of an all-zero statistic: far below any real one (>= log(tiny^2) ~ -200),
-# finite so that differences of two of them are 0, not NaN.
-_LOG_ZERO = -1e4
-
-
-def inverse_root(m: Array, exponent: float, epsilon: Any) -> Array:
-  """``(m + epsilon * lambda_max I)^{-1/exponent}`` for a symmetric PSD ``m``.
-
-  The ridge is relative to the largest eigenvalue, floored at 1e-30 so that an
-  all-zero block maps to a finite matrix.
-  """
-  d, q = linalg.symmetric_eig(m, floor=0.0)
-  lam_max = jnp.max(d, axis=-1, keepdims=True)
-  ridge = jnp.maximum(epsilon * lam_max, 1e-30)
-  scale = (d + ridge) ** (-1.0 / exponent)
-  return (q * scale[..., None, :]) @ jnp.swapaxes(q, -1, -2)
-
-
-class _Layout(NamedTuple):
-  """How a tensor's ``(m, n)`` view is cut into ``nr x nc`` blocks of ``br x bc``."""
-
-  m: int
-  n: int
-  br: int
-  bc: int
-  nr: int
-  nc: int
-
-  @property
-  def num_blocks(self) -> int:
-    return self.nr * self.nc
-
-
-def block_layout(shape: tuple[int, ...], block_size: int) -> _Layout:
-  """The blocking of a tensor viewed as ``(prod(shape[:-1]), shape[-1])``.
-
-  A side no longer than ``block_size`` is one block of its own length (no
-  padding); a longer side is cut into ``ceil(side / block_size)`` blocks of
-  ``block_size``, the last one padded with zeros.
-  """
-  m, n = math.prod(shape[:-1]), shape[-1]
-  br, bc = min(m, block_size), min(n, block_size)
-  return _Layout(m, n, br, bc, -(-m // br), -(-n // bc))
-
-
-def to_blocks(t: Array, lay: _Layout) -> Array:
-  """``(m, n)`` (or any shape of that size) -> ``(nr * nc, br, bc)``, zero padded."""
-  t = t.reshape(lay.m, lay.n)
-  t = jnp.pad(t, ((0, lay.nr * lay.br - lay.m), (0, lay.nc * lay.bc - lay.n)))
-  t = t.reshape(lay.nr, lay.br, lay.nc, lay.bc).transpose(0, 2, 1, 3)
-  return t.reshape(lay.num_blocks, lay.br, lay.bc)
-
-
-def from_blocks(b: Array, lay: _Layout) -> Array:
-  """Inverse of :func:`to_blocks`: back to ``(m, n)``, padding dropped."""
-  t = b.reshape(lay.nr, lay.nc, lay.br, lay.bc).transpose(0, 2, 1, 3)
-  return t.reshape(lay.nr * lay.br, lay.nc * lay.bc)[:lay.m, :lay.n]
-
-
-def block_statistics(t: Array, lay: _Layout) -> dict[str, Array]:
-  """One observation: per block ``G G^T / tr``, ``G^T G / tr`` and ``log tr``.
-
-  ``tr = |G|_F^2`` of the block, computed on ``t`` scaled by its max-abs, so
-  that nothing overflows for any finite ``t``.
-  """
-  m = jnp.max(jnp.abs(t))
-  safe = jnp.where(m > 0, m, 1.0)
-  gb = to_blocks(t / safe, lay)
-  tr = jnp.sum(gb * gb, axis=(1, 2))
-  ok = tr > 0
-  inv = jnp.where(ok, 1.0 / jnp.where(ok, tr, 1.0), 0.0)[:, None, None]
-  return {"L": jnp.einsum("bij,bkj->bik", gb, gb) * inv,
-          "R": jnp.einsum("bji,bjk->bik", gb, gb) * inv,
-          "log_scale": jnp.where(ok, jnp.log(jnp.where(ok, tr, 1.0))
-                                 + 2.0 * jnp.log(safe), _LOG_ZERO)}
-
-
-def merge_statistics(old: dict[str, Array], new: dict[str, Array],
-                     w_old: Array, w_new: Array) -> dict[str, Array]:
-  """``w_old * old + w_new * new`` of the scaled statistics, renormalized."""
-  c = jnp.maximum(old["log_scale"], new["log_scale"])
-  a = (w_old * jnp.exp(old["log_scale"] - c))[:, None, None]
-  b = (w_new * jnp.exp(new["log_scale"] - c))[:, None, None]
-  left = a * old["L"] + b * new["L"]
-  right = a * old["R"] + b * new["R"]
-  tr = jnp.trace(left, axis1=1, axis2=2)
-  ok = tr > 0
-  inv = jnp.where(ok, 1.0 / jnp.where(ok, tr, 1.0), 0.0)[:, None, None]
-  return {"L": left * inv, "R": right * inv,
-          "log_scale": jnp.where(ok, c + jnp.log(jnp.where(ok, tr, 1.0)),
-                                 _LOG_ZERO)}
-
-
-def _refresh_roots(operand):
-  """The roots of every block from its statistics (``operand = (blocks, eps)``).
-
-  Module-level (as :func:`_keep_roots`), so that :func:`jax.lax.cond` reuses
-  its traced branches from one call to the next, also outside :func:`jax.jit`.
-  """
-  blocks, eps = operand
-
-  def one(b):
-    if b is None:
-      return None
-    usable = (b["log_scale"] > _LOG_ZERO / 2)[:, None, None]
-    left = inverse_root(b["L"], _ROOT, eps)
-    right = inverse_root(b["R"], _ROOT, eps)
-    ok = (usable & jnp.all(jnp.isfinite(left), axis=(1, 2), keepdims=True)
-          & jnp.all(jnp.isfinite(right), axis=(1, 2), keepdims=True))
-    return dict(b, L_root=jnp.where(ok, left, b["L_root"]),
-                R_root=jnp.where(ok, right, b["R_root"]),
-                root_log_scale=jnp.where(ok[:, 0, 0], b["log_scale"],
-                                         b["root_log_scale"]))
-  return [one(b) for b in blocks]
-
-
-def _keep_roots(operand):
-  return operand[0]
 
 
 class ScaleByShampooState(NamedTuple):
@@ -200,7 +80,7 @@ class ScaleByShampooState(NamedTuple):
 _KEYS = ("L", "R", "L_root", "R_root", "log_scale", "root_log_scale")
 
 
-def _block_shapes(lay: _Layout) -> dict[str, tuple[int, ...]]:
+def _block_shapes(lay: shampoo_blocks.Layout) -> dict[str, tuple[int, ...]]:
   nb = lay.num_blocks
   return {"L": (nb, lay.br, lay.br), "R": (nb, lay.bc, lay.bc),
           "L_root": (nb, lay.br, lay.br), "R_root": (nb, lay.bc, lay.bc),
@@ -220,7 +100,7 @@ def _check_leaf(name: str, g: Any, blocks: Any, acc: Any, graft: str,
                 block_size: int) -> None:
   """The state of one leaf matches its gradient, or a ValueError naming both."""
   if per_tensor.is_preconditioned(g):
-    want = _block_shapes(block_layout(g.shape, block_size))
+    want = _block_shapes(shampoo_blocks.block_layout(g.shape, block_size))
     if blocks is None or any(tuple(blocks[k].shape) != want[k] for k in _KEYS):
       per_tensor.raise_mismatch(
           "shampoo", name, g.shape,
@@ -344,12 +224,13 @@ def scale_by_shampoo(
     def init_leaf(p):
       if not per_tensor.is_preconditioned(p):
         return None
-      shapes = _block_shapes(block_layout(p.shape, block_size))
+      shapes = _block_shapes(shampoo_blocks.block_layout(p.shape, block_size))
       eye = lambda s: jnp.broadcast_to(jnp.eye(s[-1], dtype=jnp.float32), s)
       return {"L": jnp.zeros(shapes["L"], jnp.float32),
               "R": jnp.zeros(shapes["R"], jnp.float32),
               "L_root": eye(shapes["L_root"]), "R_root": eye(shapes["R_root"]),
-              "log_scale": jnp.full(shapes["log_scale"], _LOG_ZERO, jnp.float32),
+              "log_scale": jnp.full(shapes["log_scale"], shampoo_blocks.LOG_ZERO,
+                                    jnp.float32),
               "root_log_scale": jnp.zeros(shapes["root_log_scale"], jnp.float32)}
     return ScaleByShampooState(
         **counters.zero_counters(),
@@ -359,13 +240,13 @@ def scale_by_shampoo(
   def precondition(t, b, lay):
     """The preconditioned direction of ``t`` (any scale; the caller grafts)."""
     m = jnp.max(jnp.abs(t))
-    gb = to_blocks(t / jnp.where(m > 0, m, 1.0), lay)
+    gb = shampoo_blocks.to_blocks(t / jnp.where(m > 0, m, 1.0), lay)
     p = b["L_root"] @ gb @ b["R_root"]
     # Block b's true roots carry exp(-log tr / 4) each: the factor below, up to
     # a constant for the tensor (which grafting removes).
     e = -0.5 * b["root_log_scale"]
     p = p * jnp.exp(e - jnp.max(e))[:, None, None]
-    return from_blocks(p, lay)
+    return shampoo_blocks.from_blocks(p, lay)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -390,9 +271,10 @@ def scale_by_shampoo(
 
     with jax.default_matmul_precision("highest"):
       tensors = [g.astype(jnp.float32) for g in leaves]
-      layouts = [None if b is None else block_layout(t.shape, block_size)
+      layouts = [None if b is None
+                 else shampoo_blocks.block_layout(t.shape, block_size)
                  for t, b in zip(tensors, old)]
-      obs = [None if lay is None else block_statistics(t, lay)
+      obs = [None if lay is None else shampoo_blocks.block_statistics(t, lay)
              for t, lay in zip(tensors, layouts)]
       due = (count % stats_every) == 0
       finite = counters.all_finite(obs) & grads_finite
@@ -402,14 +284,15 @@ def scale_by_shampoo(
         if b is None:
           blocks.append(None)
           continue
-        merged = merge_statistics(b, o, w_old, w_new)
+        merged = shampoo_blocks.merge_statistics(b, o, w_old, w_new)
         blocks.append({**b, **{k: jnp.where(accept, merged[k], b[k])
                                for k in merged}})
 
       # Periodic refresh of the inverse roots, from the statistics just folded in.
       if any(b is not None for b in blocks):
         blocks = jax.lax.cond(((count % inverse_every) == 0) & ok_hp,
-                              _refresh_roots, _keep_roots,
+                              shampoo_blocks.refresh_roots,
+                              shampoo_blocks.keep_roots,
                               (blocks, jnp.where(ok_hp, eps, 1.0)))
 
       # Precondition, graft, fall back to the graft's step before the start.

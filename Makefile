@@ -29,6 +29,18 @@ data:
 	  echo "or put the four idx .gz files in a directory and set EVA_OPTAX_FMNIST_DIR=that/dir,"; \
 	  echo "or set EVA_OPTAX_DOWNLOAD=1 where a network exists (files are checksum-verified)."; \
 	fi
+	@# The King James Bible (examples/transformer_lm.py): Debian's bible-kjv (its reader) and bible-kjv-text.
+	@if [ -f /usr/lib/bible.data ] && command -v bible >/dev/null 2>&1; then \
+	  echo "King James Bible: /usr/lib/bible.data (bible-kjv)"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo "Installing the King James Bible (Debian packages bible-kjv, bible-kjv-text)..."; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bible-kjv bible-kjv-text >/dev/null) \
+	    || echo "WARNING: apt-get could not install bible-kjv; transformer_lm.py needs it or --text FILE."; \
+	else \
+	  echo "WARNING: the King James Bible is not installed and apt is not usable here. As root on Debian/Ubuntu:"; \
+	  echo "  apt-get install bible-kjv"; \
+	  echo "or give examples/transformer_lm.py a text file of your own with --text FILE."; \
+	fi
 
 test: install data
 	$(PY) -m pytest -q -n 2 tests

@@ -1,0 +1,169 @@
+"""Which layers are captured: subclasses, and the int forms of Conv's arguments.
+
+A subclass of a captured type that keeps the parent's ``__call__`` is captured
+like its parent; one that overrides ``__call__`` is not (its output is no longer
+the parent's linear map), is reported with the reason and passes its gradient
+through. ``nn.Conv`` takes ints where tuples are expected (``kernel_size=3``,
+``strides=2``, ``padding=1``, ``kernel_dilation=2``); the statistics then equal
+an explicit im2col of the same convolution.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import eva_optax
+from conftest import LayerCase
+from conftest import layer_view
+from conftest import numpy_init
+from conftest import preconditioner
+from conftest import rel_err
+from conftest import single_layer_problem
+from conftest import to64
+from conftest import with_one
+
+
+class MyDense(nn.Dense):
+  """Keeps nn.Dense.__call__."""
+
+
+class MyConv(nn.Conv):
+  """Keeps nn.Conv.__call__, adds a field."""
+
+  note: str = "mine"
+
+
+class MyEmbed(nn.Embed):
+  """Keeps nn.Embed.__call__ and attend."""
+
+
+class Doubled(nn.Dense):
+  """Overrides __call__ (the output is twice the Dense map)."""
+
+  def __call__(self, x):
+    return 2.0 * super().__call__(x)
+
+
+class Net(nn.Module):
+  sub: bool
+
+  @nn.compact
+  def __call__(self, ids, img):
+    dense, conv, embed = (MyDense, MyConv, MyEmbed) if self.sub else (
+        nn.Dense, nn.Conv, nn.Embed)
+    e = embed(5, 3, name="embed")(ids)                       # (B, T, 3)
+    h = jnp.tanh(conv(3, (2, 2), name="conv")(img))          # (B, 3, 3, 3)
+    h = h.reshape(h.shape[0], -1) + e.mean(axis=1).repeat(9, axis=-1)
+    h = jnp.tanh(dense(4, name="dense")(h))
+    if self.sub:
+      return Doubled(2, name="doubled")(h)
+    return 2.0 * nn.Dense(2, name="doubled")(h)
+
+
+@functools.lru_cache(maxsize=None)
+def _problem():
+  rng = np.random.default_rng(14)
+  ids = jnp.asarray(rng.integers(0, 5, size=(4, 3)))
+  img = jnp.asarray(rng.normal(size=(4, 3, 3, 2)) + 0.5, jnp.float32)
+  t = jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)
+  params = numpy_init(Net(sub=False), ids, img)
+  out = {}
+  for sub in (False, True):
+    def loss(p, ids, img, t, sub=sub):
+      return jnp.mean((Net(sub=sub).apply({"params": p}, ids, img) - t) ** 2)
+    fn = jax.jit(eva_optax.value_and_grad(loss, statistics="factors"))
+    out[sub] = fn(params, ids, img, t)
+  return params, out
+
+
+@pytest.mark.parametrize("layer", ["embed", "conv", "dense"])
+def test_subclass_that_keeps_the_parent_call_is_captured(layer):
+  _, out = _problem()
+  st, ref = out[True][2][layer], out[False][2][layer]
+  assert st.captured, st.note
+  assert ref.captured, ref.note
+  for key in ("a", "g", "A", "G"):
+    want = np.asarray(getattr(ref, key))
+    np.testing.assert_allclose(getattr(st, key), want, rtol=1e-5,
+                               atol=1e-7 * np.abs(want).max(), err_msg=key)
+
+
+def test_subclass_that_overrides_call_is_not_captured_and_passes_through():
+  params, out = _problem()
+  _, grads, stats = out[True]
+  st = stats["doubled"]
+  assert not st.captured
+  assert "overrides" in st.note and "Doubled" in st.note, st.note
+  assert out[False][2]["doubled"].captured   # the plain Dense in its place is
+  np.testing.assert_allclose(grads["doubled"]["kernel"],
+                             out[False][1]["doubled"]["kernel"], rtol=1e-5)
+  tx = preconditioner("eva")
+  up, _ = jax.jit(tx.update)(grads, tx.init(params), params, stats=stats)
+  np.testing.assert_array_equal(up["doubled"]["kernel"], grads["doubled"]["kernel"])
+  np.testing.assert_array_equal(up["doubled"]["bias"], grads["doubled"]["bias"])
+  assert rel_err(up["dense"]["kernel"], grads["dense"]["kernel"]) > 0.5
+
+
+def test_subclass_with_attend_override_is_not_captured():
+  class NoAttend(nn.Embed):
+    def attend(self, query):
+      return super().attend(query) / 2.0
+
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+      embed = NoAttend(5, 3, name="embed")
+      return embed.attend(embed(ids))
+
+  ids = jnp.asarray([[0, 1, 2], [3, 4, 4]])
+  params = numpy_init(Model(), ids)
+  loss = lambda p, ids: jnp.mean(Model().apply({"params": p}, ids) ** 2)
+  _, _, stats = eva_optax.value_and_grad(loss)(params, ids)
+  st = stats["embed"]
+  # The lookup keeps Embed.__call__, attend does not: the table cannot be
+  # described by the lookup's rows alone, so the layer is not captured.
+  assert not st.captured
+  assert "attend" in st.note, st.note
+
+
+# ----------------------------------------------------------------------------
+# Int forms of nn.Conv's arguments.
+
+INT_CASES = (
+    LayerCase("kernel_size_int_1d", lambda: nn.Conv(4, kernel_size=3), (3, 7, 2),
+              conv=dict(kernel_size=(3,), padding="SAME")),
+    LayerCase("all_ints_2d",
+              lambda: nn.Conv(3, kernel_size=(2, 3), strides=2, padding=1,
+                              kernel_dilation=2),
+              (2, 7, 6, 2),
+              conv=dict(kernel_size=(2, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
+                        dilation=(2, 2))),
+    LayerCase("all_ints_1d",
+              lambda: nn.Conv(2, kernel_size=3, strides=2, padding=1, kernel_dilation=2),
+              (3, 9, 2),
+              conv=dict(kernel_size=(3,), strides=(2,), padding=((1, 1),), dilation=(2,))),
+)
+
+
+@pytest.mark.parametrize("case", INT_CASES, ids=[c.name for c in INT_CASES])
+def test_conv_int_arguments_match_im2col(case):
+  pb = single_layer_problem(case)   # checks its own im2col against the layer
+  fn = jax.jit(eva_optax.value_and_grad(pb.loss, statistics="rows"))
+  _, grads, stats = fn(pb.params)
+  assert stats.captured, stats.note
+  d_in = pb.rows.shape[-1]
+  rows = with_one(pb.rows).reshape(-1, d_in + 1)
+  np.testing.assert_allclose(stats.a_rows, rows, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(stats.g_rows, pb.dy.reshape(-1, pb.dy.shape[-1]),
+                             rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(stats.a, rows.mean(axis=0), rtol=1e-5, atol=1e-7)
+  e = with_one(pb.rows).mean(axis=1)
+  np.testing.assert_allclose(stats.A, e.T @ e / len(e), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(to64(stats.a_rows).T @ to64(stats.g_rows),
+                             layer_view(grads), rtol=1e-4, atol=1e-6)

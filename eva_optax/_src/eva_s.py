@@ -293,6 +293,15 @@ def eva_s(
   Eva-s diverges like SGD); ``"adagrad"`` or ``"rmsprop"`` give steps of about
   ``lr`` per coordinate, for Adam-like learning rates.
 
+  Which statistics: with the paper's running sum (``stat_decay=None``) the
+  vectors grow like ``t``, so ``mu = prod_i |s_i|^2`` grows like ``t^(2r)`` and
+  Eva-s soon stops moving along ``s_1 o ... o s_r`` (it keeps the fraction
+  ``gamma / (gamma + mu)`` of that component). On a problem whose remaining
+  error lies along that direction (optax's 2x2 "matrix parabola") it stalls,
+  and with SGD grafting, whose step keeps the gradient's norm, it oscillates
+  across it. A running average (``stat_decay=0.05``, the authors' earlier
+  ``beta2 = 0.95``) keeps ``mu`` at the scale of the current gradient.
+
   Args:
     learning_rate: ``eta``, a number, an array or an optax schedule.
     momentum: heavy-ball ``mu`` (0.9 in the paper); ``None`` for no momentum

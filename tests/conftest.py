@@ -313,7 +313,7 @@ def preconditioner(name: str, damping: float | None = None, *,
                    layer_views: Any = None):
   """``scale_by_<name>`` with a small damping, the new statistic's weight 1, and
   no KL scaling (each layer's update depends on that layer alone);
-  ``layer_views`` is passed to the layer-wise ones when given."""
+  ``layer_views`` is passed on when given."""
   import eva_optax  # pylint: disable=g-import-not-at-top
   damping = SMALL_DAMPING[name] if damping is None else damping
   views = {} if layer_views is None else {"layer_views": layer_views}
@@ -326,9 +326,9 @@ def preconditioner(name: str, damping: float | None = None, *,
   if name == "foof":
     return eva_optax.scale_by_foof(damping, 1.0, **views)
   if name == "eva_s":
-    return eva_optax.scale_by_eva_s(damping)
+    return eva_optax.scale_by_eva_s(damping, **views)
   if name == "shampoo":
-    return eva_optax.scale_by_shampoo(damping, start_preconditioning_step=0)
+    return eva_optax.scale_by_shampoo(damping, start_preconditioning_step=0, **views)
   raise ValueError(f"unknown optimizer {name!r}")
 
 

@@ -71,20 +71,21 @@ class ScaleByEvaSState(NamedTuple):
   graft: Any
 
 
-def _check_leaf(name: str, g: Any, vectors: Any, acc: Any, graft: str) -> None:
+def _check_leaf(name: str, g: Any, vectors: Any, acc: Any, graft: str,
+                depth: int) -> None:
   """The state of one leaf matches its gradient, or a ValueError naming both."""
-  if per_tensor.is_preconditioned(g):
-    if vectors is None:
-      want = None
-    else:
-      want = tuple(int(vectors[_axis_key(i)].shape[0]) for i in range(len(vectors)))
+  def shape_of(v):   # the stack's axes, then one entry per axis of the tensor
+    first = v[_axis_key(0)]
+    return tuple(first.shape[:-1]) + tuple(
+        int(v[_axis_key(i)].shape[-1]) for i in range(len(v)))
+  if per_tensor.is_preconditioned(g, depth):
+    want = None if vectors is None else shape_of(vectors)
     if want != tuple(g.shape):
       per_tensor.raise_mismatch("eva_s", name, g.shape,
                                    "a tensor of rank <= 1 (not preconditioned)"
                                    if want is None else want)
   elif vectors is not None:
-    shape = tuple(int(vectors[_axis_key(i)].shape[0]) for i in range(len(vectors)))
-    per_tensor.raise_mismatch("eva_s", name, g.shape, shape)
+    per_tensor.raise_mismatch("eva_s", name, g.shape, shape_of(vectors))
   if graft != "sgd" and tuple(acc.shape) != tuple(jnp.shape(g)):
     per_tensor.raise_mismatch("eva_s", name, jnp.shape(g), acc.shape)
 
@@ -97,6 +98,7 @@ def scale_by_eva_s(
     graft: str = "sgd",
     graft_decay: chex.Numeric = 0.999,
     graft_eps: chex.Numeric = 1e-8,
+    layer_views: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Eva-s preconditioning only (no momentum, weight decay or learning rate).
 
@@ -142,7 +144,10 @@ def scale_by_eva_s(
   other parameters raises a ``ValueError`` naming the leaf and both shapes.
 
   Tensors of rank <= 1 (biases, norms) get the graft's step (their gradient for
-  ``"sgd"``). Everything is computed in float32; updates come back in the
+  ``"sgd"``). Stacked layers (``nn.scan``, ``nn.vmap``; given by
+  ``layer_views``): each slice along the stack's axes is a tensor of its own,
+  with its own vectors and its own graft norm (vectorized over the slices).
+  Everything is computed in float32; updates come back in the
   gradient dtype. ``update`` ignores extra keyword arguments (``stats=`` may be
   passed as to every other optimizer of the library). See
   :func:`eva_optax.eva_s` for the full optimizer.
@@ -160,6 +165,10 @@ def scale_by_eva_s(
       ``"sgd"`` the learning rate must be one at which SGD itself is stable.
     graft_decay: RMSProp's ``beta`` (weight of the old second moment).
     graft_eps: added to the root of the graft's second moment.
+    layer_views: the capture's views (:func:`eva_optax.layer_views`, or the
+      statistics), for stacked layers: a leaf of a layer with a stack of
+      ``k`` axes is ``k`` axes of slices, each preconditioned alone. ``None``:
+      every leaf is one tensor.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -184,14 +193,18 @@ def scale_by_eva_s(
   grafting.check(graft, graft_decay, graft_eps)
 
   def init_fn(params):
-    def init_leaf(p):
-      if not per_tensor.is_preconditioned(p):
+    def init_leaf(p, depth):
+      if not per_tensor.is_preconditioned(p, depth):
         return None
-      return {_axis_key(i): jnp.zeros((d,), jnp.float32)
-              for i, d in enumerate(p.shape)}
+      stack = tuple(p.shape[:depth])
+      return {_axis_key(i): jnp.zeros(stack + (d,), jnp.float32)
+              for i, d in enumerate(p.shape[depth:])}
+    leaves, treedef = jax.tree.flatten(params)
+    depths = per_tensor.stack_depths(params, layer_views)
     return ScaleByEvaSState(
         **counters.zero_counters(),
-        vectors=jax.tree.map(init_leaf, params),
+        vectors=jax.tree.unflatten(
+            treedef, [init_leaf(p, k) for p, k in zip(leaves, depths)]),
         graft=jax.tree.map(lambda p: grafting.init(graft, p), params))
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -199,8 +212,9 @@ def scale_by_eva_s(
     names, leaves, treedef = per_tensor.named_leaves(updates)
     old = per_tensor.leaves_like(treedef, state.vectors, "eva_s")
     accs = per_tensor.leaves_like(treedef, state.graft, "eva_s")
-    for name, g, v, a in zip(names, leaves, old, accs):
-      _check_leaf(name, g, v, a, graft)
+    depths = per_tensor.stack_depths(updates, layer_views)
+    for name, g, v, a, k in zip(names, leaves, old, accs, depths):
+      _check_leaf(name, g, v, a, graft, k)
     old = [None if v is None else {_axis_key(i): v[_axis_key(i)]
                                    for i in range(len(v))} for v in old]
     count = state.count
@@ -215,9 +229,10 @@ def scale_by_eva_s(
 
     with jax.default_matmul_precision("highest"):
       tensors = [g.astype(jnp.float32) for g in leaves]
-      obs = [None if v is None else {_axis_key(i): s for i, s in
-                                     enumerate(rank_one.mean_vectors(t))}
-             for t, v in zip(tensors, old)]
+      obs = [None if v is None else {
+          _axis_key(i): s for i, s in enumerate(
+              per_tensor.over_stack(rank_one.mean_vectors, k)(t))}
+             for t, v, k in zip(tensors, old, depths)]
       folded, due, finite = counters.fold_statistics(
           state, old, obs, None if xi is None else (lambda _: xi), stats_every)
       finite = finite & grads_finite
@@ -226,17 +241,21 @@ def scale_by_eva_s(
 
       graft_count = count - state.skipped_count - state.invalid_hparam_count
       out, new_accs = [], []
-      for t, v, a in zip(tensors, vectors, accs):
+      safe_gamma = jnp.where(ok_hp, gamma, 1.0)
+
+      def one(t, vecs, size):   # one slice
+        direction = rank_one.eva_s_direction(t, vecs, safe_gamma)
+        return grafting.rescale(direction, grafting.norm(size))
+
+      for t, v, a, k in zip(tensors, vectors, accs, depths):
         size, a_new = grafting.step(graft, t, a, graft_count, graft_decay,
                                     graft_eps)
         new_accs.append(a_new)
         if v is None:
           out.append(size)
           continue
-        direction = rank_one.eva_s_direction(
-            t, [v[_axis_key(i)] for i in range(len(v))],
-            jnp.where(ok_hp, gamma, 1.0))
-        out.append(grafting.rescale(direction, grafting.norm(size)))
+        out.append(per_tensor.over_stack(one, k)(
+            t, [v[_axis_key(i)] for i in range(len(v))], size))
 
     out_finite = counters.all_finite(out)
     skipped = jnp.logical_not(grads_finite & out_finite)
@@ -269,6 +288,7 @@ def eva_s(
     nesterov: bool = False,
     weight_decay_mask: Any = None,
     mu_dtype: Any = None,
+    layer_views: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Eva-s (vectorized Shampoo), trained the way the paper trains it.
 
@@ -321,6 +341,8 @@ def eva_s(
       a tree of booleans like the params (or a prefix), or a callable of the
       params returning one; ``None`` decays all.
     mu_dtype: dtype of the momentum buffer (``None``: the parameters').
+    layer_views: for stacked layers (``nn.scan``), the capture's views; see
+      :func:`scale_by_eva_s`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -347,7 +369,7 @@ def eva_s(
       learning_rate, momentum, weight_decay, weight_decay_mask, mu_dtype)
   pre = scale_by_eva_s(damping, stat_decay, stats_every=stats_every,
                        graft=graft, graft_decay=graft_decay,
-                       graft_eps=graft_eps)
+                       graft_eps=graft_eps, layer_views=layer_views)
   return training_chain.training_chain(
       pre, learning_rate, momentum, weight_decay, nesterov,
       weight_decay_mask=weight_decay_mask, mu_dtype=mu_dtype)

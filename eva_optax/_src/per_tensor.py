@@ -1,20 +1,48 @@
 """What the per-tensor (gradient-only) preconditioners, Eva-s and Shampoo, share:
-which leaves they precondition, and the check that a state belongs to the
-gradients it is given."""
+which leaves they precondition, which leading axes of a leaf are a stack of
+layers (``nn.scan``, ``nn.vmap``: each slice is preconditioned as its own
+tensor), and the check that a state belongs to the gradients it is given."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
 
+from eva_optax._src import layer_match
 from eva_optax._src import tree_utils
 
 
-def is_preconditioned(leaf: Any) -> bool:
+def is_preconditioned(leaf: Any, depth: int = 0) -> bool:
   """Tensors of rank >= 2 (kernels, conv kernels) are preconditioned; the rest
-  get the graft's step."""
-  return hasattr(leaf, "ndim") and leaf.ndim >= 2 and leaf.size > 0
+  get the graft's step. ``depth`` leading axes are a stack of layers, not part
+  of the tensor."""
+  return hasattr(leaf, "ndim") and leaf.ndim - depth >= 2 and leaf.size > 0
+
+
+def stack_depths(tree: Any, layer_views: Any) -> list[int]:
+  """Per leaf of ``tree`` (in flattening order), how many leading axes are a
+  stack of layers: ``len(view.stack)`` of the layer in ``layer_views`` (from
+  :func:`eva_optax.layer_views` or the statistics) that holds the leaf, else 0."""
+  given = layer_match.views_from(layer_views)
+  if not given:
+    return [0] * len(jax.tree.leaves(tree))
+  depths = []
+  for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    names = tuple(tree_utils.key_name(k) for k in path)
+    view = next((given[names[:n]] for n in range(len(names), -1, -1)
+                 if names[:n] in given), None)
+    depths.append(0 if view is None else len(view.stack))
+  return depths
+
+
+def over_stack(fn: Callable[..., Any], depth: int, **vmap_kwargs: Any
+               ) -> Callable[..., Any]:
+  """``fn`` of one slice, mapped over ``depth`` leading stack axes."""
+  for _ in range(depth):
+    fn = jax.vmap(fn, **vmap_kwargs)
+  return fn
 
 
 def named_leaves(tree: Any) -> tuple[list[str], list[Any], Any]:

@@ -7,22 +7,18 @@ pair per block, as in the scalable Shampoo of Anil et al. The state per block is
 the two statistics and their two inverse roots, ``2 (b_r^2 + b_c^2)`` floats for
 a ``b_r x b_c`` block, plus two scalars.
 
-Numerics: the statistics are kept divided by their trace, with the log of the
-trace beside them (:mod:`eva_optax._src.shampoo_blocks`), so that gradients up
-to float32's largest overflow neither the running sums nor the roots; each
-block's scale enters the preconditioned direction as a factor computed in log
-space.
+Numerics (statistics kept divided by their trace, scales in log space): see
+:mod:`eva_optax._src.shampoo_blocks`.
 
 References:
-  Gupta, Koren and Singer, `Shampoo: Preconditioned Stochastic Tensor
-  Optimization <https://arxiv.org/abs/1802.09568>`_, ICML 2018.
-  Anil et al., `Scalable Second Order Optimization for Deep Learning
-  <https://arxiv.org/abs/2002.09018>`_, 2020 (blocking, grafting, relative
-  epsilon).
+  Gupta, Koren and Singer, `Shampoo <https://arxiv.org/abs/1802.09568>`_, ICML
+  2018. Anil et al., `Scalable Second Order Optimization for Deep Learning
+  <https://arxiv.org/abs/2002.09018>`_, 2020 (blocking, grafting, epsilon).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import chex
@@ -63,7 +59,7 @@ class ScaleByShampooState(NamedTuple):
       their trace, the log of that trace, the inverse fourth roots of the
       normalized statistics and the log trace they were computed at (the true
       ``L`` is ``exp(log_scale) * L``); ``None`` for the leaves that are not
-      preconditioned.
+      preconditioned. A stacked layer's leaf has the stack's axes in front.
     graft: like the params: the graft's float32 accumulator per leaf, or
       ``None`` for every leaf with ``graft="sgd"``.
   """
@@ -77,41 +73,6 @@ class ScaleByShampooState(NamedTuple):
   graft: Any
 
 
-_KEYS = ("L", "R", "L_root", "R_root", "log_scale", "root_log_scale")
-
-
-def _block_shapes(lay: shampoo_blocks.Layout) -> dict[str, tuple[int, ...]]:
-  nb = lay.num_blocks
-  return {"L": (nb, lay.br, lay.br), "R": (nb, lay.bc, lay.bc),
-          "L_root": (nb, lay.br, lay.br), "R_root": (nb, lay.bc, lay.bc),
-          "log_scale": (nb,), "root_log_scale": (nb,)}
-
-
-def _describe(blocks: Any) -> str:
-  if blocks is None:
-    return "a tensor of rank <= 1 (not preconditioned)"
-  left, right = tuple(blocks["L"].shape), tuple(blocks["R"].shape)
-  if left[0] == 1:
-    return f"a ({left[1]}, {right[1]}) matrix view (statistics L {left}, R {right})"
-  return f"blocks with statistics L {left} and R {right}"
-
-
-def _check_leaf(name: str, g: Any, blocks: Any, acc: Any, graft: str,
-                block_size: int) -> None:
-  """The state of one leaf matches its gradient, or a ValueError naming both."""
-  if per_tensor.is_preconditioned(g):
-    want = _block_shapes(shampoo_blocks.block_layout(g.shape, block_size))
-    if blocks is None or any(tuple(blocks[k].shape) != want[k] for k in _KEYS):
-      per_tensor.raise_mismatch(
-          "shampoo", name, g.shape,
-          f"{_describe(blocks)}; this gradient needs statistics L {want['L']} "
-          f"and R {want['R']}")
-  elif blocks is not None:
-    per_tensor.raise_mismatch("shampoo", name, g.shape, _describe(blocks))
-  if graft != "sgd" and tuple(acc.shape) != tuple(jnp.shape(g)):
-    per_tensor.raise_mismatch("shampoo", name, jnp.shape(g), acc.shape)
-
-
 def scale_by_shampoo(
     matrix_eps: chex.Numeric = 1e-6,
     stat_decay: optax.ScalarOrSchedule | None = None,
@@ -123,6 +84,7 @@ def scale_by_shampoo(
     graft: str = "sgd",
     graft_decay: chex.Numeric = 0.999,
     graft_eps: chex.Numeric = 1e-8,
+    layer_views: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Blocked two-sided Shampoo preconditioning only (no momentum, weight decay or lr).
 
@@ -151,7 +113,10 @@ def scale_by_shampoo(
   sums them (the authors' ``beta2 = 1``); a number gives the running average
   ``M <- (1 - stat_decay) M + stat_decay * new`` (``stat_decay`` is the weight
   of the NEW statistic, as everywhere in this library) whose first observation
-  initialises it. A root of an all-zero block, or one that comes out
+  initialises it. Stacked layers (``nn.scan``, ``nn.vmap``; given by
+  ``layer_views``): each slice along the stack's axes is a tensor of its own,
+  with its own blocks and graft norm (vectorized over the slices). A root of
+  an all-zero block, or one that comes out
   non-finite, keeps its previous value (the identity at init).
 
   Numerics and safety: the statistics are stored divided by their trace with
@@ -192,6 +157,10 @@ def scale_by_shampoo(
       for Adam-like learning rates.
     graft_decay: RMSProp's ``beta`` (weight of the old second moment).
     graft_eps: added to the root of the graft's second moment.
+    layer_views: the capture's views (:func:`eva_optax.layer_views`, or the
+      statistics), for stacked layers: a leaf of a layer with a stack of
+      ``k`` axes is ``k`` axes of slices, each preconditioned alone. ``None``:
+      every leaf is one tensor.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is a
@@ -221,10 +190,12 @@ def scale_by_shampoo(
   grafting.check(graft, graft_decay, graft_eps)
 
   def init_fn(params):
-    def init_leaf(p):
-      if not per_tensor.is_preconditioned(p):
+    def init_leaf(p, depth):
+      if not per_tensor.is_preconditioned(p, depth):
         return None
-      shapes = _block_shapes(shampoo_blocks.block_layout(p.shape, block_size))
+      shapes = shampoo_blocks.block_shapes(
+          shampoo_blocks.block_layout(p.shape[depth:], block_size),
+          tuple(p.shape[:depth]))
       eye = lambda s: jnp.broadcast_to(jnp.eye(s[-1], dtype=jnp.float32), s)
       return {"L": jnp.zeros(shapes["L"], jnp.float32),
               "R": jnp.zeros(shapes["R"], jnp.float32),
@@ -234,28 +205,21 @@ def scale_by_shampoo(
               "root_log_scale": jnp.zeros(shapes["root_log_scale"], jnp.float32)}
     return ScaleByShampooState(
         **counters.zero_counters(),
-        blocks=jax.tree.map(init_leaf, params),
+        blocks=jax.tree.unflatten(jax.tree.structure(params), [
+            init_leaf(p, k) for p, k in zip(
+                jax.tree.leaves(params),
+                per_tensor.stack_depths(params, layer_views))]),
         graft=jax.tree.map(lambda p: grafting.init(graft, p), params))
-
-  def precondition(t, b, lay):
-    """The preconditioned direction of ``t`` (any scale; the caller grafts)."""
-    m = jnp.max(jnp.abs(t))
-    gb = shampoo_blocks.to_blocks(t / jnp.where(m > 0, m, 1.0), lay)
-    p = b["L_root"] @ gb @ b["R_root"]
-    # Block b's true roots carry exp(-log tr / 4) each: the factor below, up to
-    # a constant for the tensor (which grafting removes).
-    e = -0.5 * b["root_log_scale"]
-    p = p * jnp.exp(e - jnp.max(e))[:, None, None]
-    return shampoo_blocks.from_blocks(p, lay)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
     names, leaves, treedef = per_tensor.named_leaves(updates)
     old = per_tensor.leaves_like(treedef, state.blocks, "shampoo")
     accs = per_tensor.leaves_like(treedef, state.graft, "shampoo")
-    for name, g, b, a in zip(names, leaves, old, accs):
-      _check_leaf(name, g, b, a, graft, block_size)
-    old = [None if b is None else {k: b[k] for k in _KEYS} for b in old]
+    depths = per_tensor.stack_depths(updates, layer_views)
+    for name, g, b, a, k in zip(names, leaves, old, accs, depths):
+      shampoo_blocks.check_state(name, g, b, a, graft, block_size, k)
+    old = [None if b is None else {k: b[k] for k in shampoo_blocks.KEYS} for b in old]
     count = state.count
     eps = jnp.asarray(matrix_eps, jnp.float32)
     ok_hp = validation.valid_positive(eps)
@@ -272,42 +236,47 @@ def scale_by_shampoo(
     with jax.default_matmul_precision("highest"):
       tensors = [g.astype(jnp.float32) for g in leaves]
       layouts = [None if b is None
-                 else shampoo_blocks.block_layout(t.shape, block_size)
-                 for t, b in zip(tensors, old)]
-      obs = [None if lay is None else shampoo_blocks.block_statistics(t, lay)
-             for t, lay in zip(tensors, layouts)]
+                 else shampoo_blocks.block_layout(t.shape[k:], block_size)
+                 for t, b, k in zip(tensors, old, depths)]
+      obs = [None if lay is None else per_tensor.over_stack(
+          functools.partial(shampoo_blocks.block_statistics, lay=lay), k)(t)
+             for t, lay, k in zip(tensors, layouts, depths)]
       due = (count % stats_every) == 0
       finite = counters.all_finite(obs) & grads_finite
       accept = due & finite & ok_hp
       blocks = []
-      for b, o in zip(old, obs):
+      for b, o, k in zip(old, obs, depths):
         if b is None:
           blocks.append(None)
           continue
-        merged = shampoo_blocks.merge_statistics(b, o, w_old, w_new)
+        merged = per_tensor.over_stack(
+            shampoo_blocks.merge_statistics, k,
+            in_axes=(0, 0, None, None))(b, o, w_old, w_new)
         blocks.append({**b, **{k: jnp.where(accept, merged[k], b[k])
                                for k in merged}})
 
       # Periodic refresh of the inverse roots, from the statistics just folded in.
-      if any(b is not None for b in blocks):
-        blocks = jax.lax.cond(((count % inverse_every) == 0) & ok_hp,
-                              shampoo_blocks.refresh_roots,
-                              shampoo_blocks.keep_roots,
-                              (blocks, jnp.where(ok_hp, eps, 1.0)))
+      blocks = shampoo_blocks.refresh_if(
+          ((count % inverse_every) == 0) & ok_hp, blocks, depths,
+          jnp.where(ok_hp, eps, 1.0))
 
       # Precondition, graft, fall back to the graft's step before the start.
       graft_count = count - state.skipped_count - state.invalid_hparam_count
       started = count >= start_preconditioning_step
       out, new_accs = [], []
-      for t, lay, b, a in zip(tensors, layouts, blocks, accs):
+      for t, lay, b, a, k in zip(tensors, layouts, blocks, accs, depths):
         size, a_new = grafting.step(graft, t, a, graft_count, graft_decay,
                                     graft_eps)
         new_accs.append(a_new)
         if lay is None:
           out.append(size)
           continue
-        p = grafting.rescale(precondition(t, b, lay), grafting.norm(size))
-        out.append(jnp.where(started, p.reshape(t.shape), size))
+
+        def one(t, b, size, lay=lay):   # one slice
+          p = shampoo_blocks.precondition(t, b, lay).reshape(t.shape)
+          return grafting.rescale(p, grafting.norm(size))
+        p = per_tensor.over_stack(one, k)(t, b, size)
+        out.append(jnp.where(started, p, size))
 
     out_finite = counters.all_finite(out)
     skipped = jnp.logical_not(grads_finite & out_finite)
@@ -343,6 +312,7 @@ def shampoo(
     nesterov: bool = False,
     weight_decay_mask: Any = None,
     mu_dtype: Any = None,
+    layer_views: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Blocked Shampoo with grafting, trained the way the Eva paper trains it.
 
@@ -393,6 +363,8 @@ def shampoo(
       a tree of booleans like the params (or a prefix), or a callable of the
       params returning one; ``None`` decays all.
     mu_dtype: dtype of the momentum buffer (``None``: the parameters').
+    layer_views: for stacked layers (``nn.scan``), the capture's views; see
+      :func:`scale_by_shampoo`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
@@ -421,7 +393,7 @@ def shampoo(
       matrix_eps, stat_decay, block_size=block_size,
       inverse_every=inverse_every, stats_every=stats_every,
       start_preconditioning_step=start_preconditioning_step, graft=graft,
-      graft_decay=graft_decay, graft_eps=graft_eps)
+      graft_decay=graft_decay, graft_eps=graft_eps, layer_views=layer_views)
   return training_chain.training_chain(
       pre, learning_rate, momentum, weight_decay, nesterov,
       weight_decay_mask=weight_decay_mask, mu_dtype=mu_dtype)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from eva_optax._src import linalg
+from eva_optax._src import per_tensor
 
 Array = jax.Array
 
@@ -58,6 +59,19 @@ class Layout(NamedTuple):
   @property
   def num_blocks(self) -> int:
     return self.nr * self.nc
+
+
+KEYS = ("L", "R", "L_root", "R_root", "log_scale", "root_log_scale")
+
+
+def block_shapes(lay: "Layout", stack: tuple[int, ...] = ()
+                 ) -> dict[str, tuple[int, ...]]:
+  """The state's shapes for one tensor (``stack`` in front for stacked layers)."""
+  nb = lay.num_blocks
+  return {k: stack + v for k, v in {
+      "L": (nb, lay.br, lay.br), "R": (nb, lay.bc, lay.bc),
+      "L_root": (nb, lay.br, lay.br), "R_root": (nb, lay.bc, lay.bc),
+      "log_scale": (nb,), "root_log_scale": (nb,)}.items()}
 
 
 def block_layout(shape: tuple[int, ...], block_size: int) -> Layout:
@@ -118,6 +132,68 @@ def merge_statistics(old: dict[str, Array], new: dict[str, Array],
   return {"L": left * inv, "R": right * inv,
           "log_scale": jnp.where(ok, c + jnp.log(jnp.where(ok, tr, 1.0)),
                                  LOG_ZERO)}
+
+
+def _describe(blocks: Any) -> str:
+  if blocks is None:
+    return "a tensor of rank <= 1 (not preconditioned)"
+  left, right = tuple(blocks["L"].shape), tuple(blocks["R"].shape)
+  if left[-3] == 1:
+    return f"a ({left[-2]}, {right[-2]}) matrix view (statistics L {left}, R {right})"
+  return f"blocks with statistics L {left} and R {right}"
+
+
+def check_state(name: str, g: Any, blocks: Any, acc: Any, graft: str,
+                block_size: int, depth: int) -> None:
+  """The state of one leaf matches its gradient, or a ValueError naming both."""
+  if per_tensor.is_preconditioned(g, depth):
+    want = block_shapes(
+        block_layout(g.shape[depth:], block_size),
+        tuple(g.shape[:depth]))
+    if blocks is None or any(tuple(blocks[k].shape) != want[k]
+                             for k in KEYS):
+      per_tensor.raise_mismatch(
+          "shampoo", name, g.shape,
+          f"{_describe(blocks)}; this gradient needs statistics L {want['L']} "
+          f"and R {want['R']}")
+  elif blocks is not None:
+    per_tensor.raise_mismatch("shampoo", name, g.shape, _describe(blocks))
+  if graft != "sgd" and tuple(acc.shape) != tuple(jnp.shape(g)):
+    per_tensor.raise_mismatch("shampoo", name, jnp.shape(g), acc.shape)
+
+
+def precondition(t: Array, b: dict[str, Array], lay: Layout) -> Array:
+  """The preconditioned direction ``L^{-1/4} G R^{-1/4}`` of one tensor ``t``,
+  block by block, at any overall scale (the caller grafts), as ``(m, n)``."""
+  m = jnp.max(jnp.abs(t))
+  gb = to_blocks(t / jnp.where(m > 0, m, 1.0), lay)
+  p = b["L_root"] @ gb @ b["R_root"]
+  # Block b's true roots carry exp(-log tr / 4) each: the factor below, up to
+  # a constant for the tensor (which grafting removes).
+  e = -0.5 * b["root_log_scale"]
+  p = p * jnp.exp(e - jnp.max(e))[:, None, None]
+  return from_blocks(p, lay)
+
+
+def merge_stack(b: dict[str, Array], depth: int) -> dict[str, Array]:
+  """A stacked leaf's blocks (``stack + (blocks, ...)``) as ``(slices * blocks, ...)``."""
+  return {k: v.reshape((-1,) + v.shape[depth + 1:]) for k, v in b.items()}
+
+
+def split_stack(flat: dict[str, Array], like: dict[str, Array]) -> dict[str, Array]:
+  """Inverse of :func:`merge_stack`: back to the shapes of ``like``."""
+  return {k: v.reshape(like[k].shape) for k, v in flat.items()}
+
+
+def refresh_if(due: Array, blocks: list[Any], depths: list[int], eps: Array
+               ) -> list[Any]:
+  """The roots of every block refreshed from its statistics when ``due``
+  (inside :func:`jax.lax.cond`); a stack's slices count as more blocks."""
+  if all(b is None for b in blocks):
+    return blocks
+  flat = [None if b is None else merge_stack(b, k) for b, k in zip(blocks, depths)]
+  flat = jax.lax.cond(due, refresh_roots, keep_roots, (flat, eps))
+  return [None if b is None else split_stack(f, b) for f, b in zip(flat, blocks)]
 
 
 def refresh_roots(operand):

@@ -48,12 +48,13 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")   # see benchmarks/README.md
 
 import argparse
 import json
-import re
-import statistics
 import subprocess
 import sys
 import time
 from typing import Any
+
+from benchlib.collectives import analytic_floats, collective_bytes
+from benchlib.scaling_report import plot, report
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -70,79 +71,6 @@ OPTIMIZERS = {
 }
 WIDTHS = (1000, 500, 250, 30, 250, 500, 1000, 784)
 QUICK_WIDTHS = (32, 8, 32, 64)     # a 64-pixel autoencoder: small factors, fast compiles
-COLLECTIVES = ("all-reduce", "reduce-scatter", "all-gather", "collective-permute",
-               "all-to-all")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2,
-                "f16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
-                "f64": 8, "c64": 8, "c128": 16}
-_SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\]")
-_OP = re.compile(r"=\s*(?P<result>.*?)\s(?P<op>" + "|".join(COLLECTIVES)
-                 + r")(?P<start>-start)?\((?P<operands>.*?)\)(?:,|$)")
-
-
-# ----------------------------------------------------------------------------
-# The compiled program's collectives.
-
-
-def shape_bytes(text: str) -> int:
-  """Total bytes of every ``dtype[dims]`` in ``text``."""
-  total = 0
-  for dtype, dims in _SHAPE.findall(text):
-    n = 1
-    for d in filter(None, dims.split(",")):
-      n *= int(d)
-    total += n * _DTYPE_BYTES[dtype]
-  return total
-
-
-def collective_bytes(hlo: str) -> dict[str, Any]:
-  """Operand bytes of every collective in an HLO module's text.
-
-  Returns ``{"entry": {kind: {"count", "bytes"}}, "nested": {...},
-  "entry_bytes": int, "nested_bytes": int, "ops": [...]}``. Operand shapes are
-  read from the operand list (the result's when the text omits them); an
-  ``-start``/``-done`` pair counts once (the start).
-  """
-  out: dict[str, Any] = {"entry": {}, "nested": {}, "ops": []}
-  computation, is_entry = "", False
-  for line in hlo.splitlines():
-    if line and not line[0].isspace() and line.rstrip().endswith("{"):
-      head = line.split()
-      is_entry = head[0] == "ENTRY"
-      computation = head[1] if is_entry else head[0]
-      continue
-    m = _OP.search(line)
-    if m is None:
-      continue
-    nbytes = shape_bytes(m.group("operands")) or shape_bytes(m.group("result"))
-    where = "entry" if is_entry else "nested"
-    slot = out[where].setdefault(m.group("op"), {"count": 0, "bytes": 0})
-    slot["count"] += 1
-    slot["bytes"] += nbytes
-    out["ops"].append({"op": m.group("op"), "bytes": nbytes,
-                       "computation": computation.lstrip("%")})
-  for where in ("entry", "nested"):
-    out[f"{where}_bytes"] = sum(v["bytes"] for v in out[where].values())
-  return out
-
-
-def analytic_floats(widths: tuple[int, ...]) -> dict[str, int]:
-  """Per-step floats: the gradient, and each method's statistics, summed over layers.
-
-  ``widths`` are the autoencoder's layer widths; its input has the last width.
-  """
-  d0 = widths[-1]
-  dims = list(zip((d0,) + tuple(widths[:-1]), widths))
-  return {
-      "gradient": sum(i * o + o for i, o in dims),
-      "loss": 1,
-      "eva": sum(i + 1 + o for i, o in dims),          # a (with the bias 1) and g
-      "eva_without_bias_entry": sum(i + o for i, o in dims),
-      "eva_f": sum(i + 1 for i, o in dims),            # a only
-      "eva_f_without_bias_entry": sum(i for i, o in dims),
-      "kfac": sum((i + 1) ** 2 + o ** 2 for i, o in dims),   # A and G
-      "layers": len(dims),
-  }
 
 
 # ----------------------------------------------------------------------------
@@ -303,85 +231,8 @@ def summarize(runs: list[dict[str, Any]], widths) -> dict[str, Any]:
           "rows": rows}
 
 
-def _mb(b: float) -> str:
-  return f"{b / 1e6:.3f}"
-
-
-def report(summary: dict[str, Any], names: list[str]) -> str:
-  labels = [OPTIMIZERS[n][0] for n in names]
-  out = ["Step time / SGD's (wall; CPU time in brackets), virtual CPU devices:", "",
-         "| devices | SGD step ms | " + " | ".join(labels) + " |",
-         "|---:|---:|" + "---:|" * len(names)]
-  for row in summary["rows"]:
-    cells = [f"{o['ratio_vs_sgd']:.2f} ({o['cpu_ratio_vs_sgd']:.2f})"
-             for o in (row["optimizers"][n] for n in names)]
-    out.append(f"| {row['devices']} | {row['sgd_step_ms']:.1f} | " + " | ".join(cells) + " |")
-  out += ["", "MB in collectives per step (operand bytes; SGD's total, the others' extra "
-          "over SGD's):", "",
-          "| devices | SGD | " + " | ".join(l for n, l in zip(names, labels) if n != "sgd") + " |",
-          "|---:|---:|" + "---:|" * (len(names) - 1)]
-  for row in summary["rows"]:
-    cells = [("+" + _mb(row["optimizers"][n]["extra_bytes_vs_sgd"]))
-             for n in names if n != "sgd"]
-    out.append(f"| {row['devices']} | {_mb(row['sgd_bytes'])} | " + " | ".join(cells) + " |")
-  fl = summary["analytic_floats"]
-  out += ["", f"Analytic floats over the {fl['layers']} layers: gradient + loss "
-          f"{fl['gradient'] + fl['loss']}; Eva sum(d_in + 1 + d_out) = {fl['eva']} "
-          f"(without the constant bias entry of a: {fl['eva_without_bias_entry']}); "
-          f"Eva-f sum(d_in + 1) = {fl['eva_f']} ({fl['eva_f_without_bias_entry']}); "
-          f"K-FAC sum((d_in + 1)^2 + d_out^2) = {fl['kfac']}."]
-  last = summary["rows"][-1]
-  if last["devices"] > 1:
-    measured = {n: o["extra_bytes_vs_sgd"] // 4 for n, o in last["optimizers"].items()}
-    out.append(f"Measured extra floats at {last['devices']} devices: "
-               + ", ".join(f"{OPTIMIZERS[n][0]} {v}" for n, v in measured.items()
-                           if n != "sgd")
-               + f"; SGD's total {last['sgd_bytes'] // 4}.")
-  return "\n".join(out)
-
-
-def plot(summary: dict[str, Any], names: list[str], path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  sys.path.insert(0, os.path.join(ROOT, "examples"))
-  from harness import style  # pylint: disable=g-import-not-at-top
-  rows = summary["rows"]
-  devs = [r["devices"] for r in rows]
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-  many = [r for r in rows if r["devices"] > 1]     # one device: no collectives
-  for n in names:
-    ax1.plot(devs, [r["optimizers"][n]["ratio_vs_sgd"] for r in rows],
-             label=OPTIMIZERS[n][0], **style.of(n))
-    extra = [r["optimizers"][n]["extra_bytes_vs_sgd"] / 1e6 for r in many]
-    if n != "sgd" and extra and min(extra) > 0:
-      ax2.plot([r["devices"] for r in many], extra, label=OPTIMIZERS[n][0],
-               **style.of(n))
-  if many:
-    ax2.plot([r["devices"] for r in many], [r["sgd_bytes"] / 1e6 for r in many],
-             label="SGD (total)", **style.of("sgd"))
-  else:
-    ax2.text(0.5, 0.5, "no collectives on one device", ha="center",
-             transform=ax2.transAxes)
-  for ax in (ax1, ax2):
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(devs)
-    ax.set_xticklabels([str(d) for d in devs])
-    ax.set_xlabel("virtual CPU devices (batch sharded)")
-  ax1.set_ylabel("step time / SGD's")
-  if many:
-    ax2.set_yscale("log")
-  ax2.set_ylabel("MB all-reduced per step (extra over SGD)")
-  ax1.legend(fontsize=8)
-  ax2.legend(fontsize=8)
-  fig.suptitle("Data parallel with jax.jit shardings: deep autoencoder, global batch "
-               f"{summary['batch']}")
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
-def parse_args(argv=None):
+def parser() -> argparse.ArgumentParser:
+  """The command line (every flag with its help and default)."""
   ap = argparse.ArgumentParser(
       description=__doc__.splitlines()[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -407,7 +258,13 @@ def parse_args(argv=None):
                   help="abort a child if one call runs longer (s; 0 disables)")
   ap.add_argument("--child-timeout", type=float, default=1800.0,
                   help="seconds allowed for one device count's process")
-  ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+  ap.add_argument("--child", type=int, default=None,
+                  help="internal: run one device count in this process")
+  return ap
+
+
+def parse_args(argv=None):
+  ap = parser()
   args = ap.parse_args(argv)
   q = args.quick
   args.devices = [int(d) for d in (args.devices or ("1,2" if q else "1,2,4,8")).split(",")]
@@ -445,7 +302,8 @@ def main(argv=None) -> dict[str, Any]:
   runs = [launch(n, args, _child_argv(args)) for n in args.devices]
   summary = summarize(runs, runs[0]["widths"])
   summary["batch"] = args.batch
-  text = report(summary, args.optimizers)
+  labels = {k: v[0] for k, v in OPTIMIZERS.items()}
+  text = report(summary, args.optimizers, labels)
   print(text)
   sys.path.insert(0, os.path.join(ROOT, "examples"))
   from harness import provenance  # pylint: disable=g-import-not-at-top
@@ -460,7 +318,7 @@ def main(argv=None) -> dict[str, Any]:
     print(f"\nwrote {args.out}", file=sys.stderr)
     png = args.plot if args.plot is not None else os.path.splitext(args.out)[0] + ".png"
     if png:
-      plot(summary, args.optimizers, png)
+      plot(summary, args.optimizers, labels, png)
       print(f"wrote {png}", file=sys.stderr)
   return record
 

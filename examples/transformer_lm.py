@@ -137,6 +137,22 @@ class CharGPT(nn.Module):
     return nn.Dense(self.vocab, use_bias=False, name="head")(x)
 
 
+class JitInit:
+  """``model`` with its ``init`` compiled once by ``jax.jit``.
+
+  The harness initialises the model for every run; Flax's ``init`` runs
+  eagerly, and for the scanned attention blocks that is about a hundred small
+  XLA programs, each compiled the first time (seconds on a small CPU, more
+  than the training steps of ``--small``). The jitted ``init`` draws the same
+  parameters; ``apply`` is the model's own.
+  """
+
+  def __init__(self, model: nn.Module):
+    self.module = model
+    self.init = jax.jit(model.init)
+    self.apply = model.apply
+
+
 def loss_and_metrics(logits, x, y):
   """Cross-entropy in nats per character and next-character accuracy."""
   del x
@@ -244,7 +260,7 @@ def make_task(args) -> tuple[harness.Task, text_data.Splits, CharGPT]:
                   width=args.width, layers=args.layers, heads=args.heads,
                   tie=args.tie, scan=args.scan)
   task = harness.Task(
-      name=NAME, model=model, loss_and_metrics=loss_and_metrics,
+      name=NAME, model=JitInit(model), loss_and_metrics=loss_and_metrics,
       x_train=splits.x_train, y_train=splits.y_train, x_test=splits.x_val,
       y_test=splits.y_val, batch_size=args.batch_size, eval_batch_size=256,
       loss_name="cross-entropy (nats per character)")

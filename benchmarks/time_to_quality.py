@@ -18,7 +18,7 @@ initialisation), MSE averaged over batch and pixels, batch 1000, the full
 
 Columns: test MSE at each epoch, training seconds (compilation and evaluation
 excluded), the step time relative to an SGD step (measured in this process,
-interleaved rounds, after training), and the time and epoch at which each row
+right after the row's training, in rounds interleaved with SGD steps), and the time and epoch at which each row
 first reaches 0.0107 (kfac-jax adaptive K-FAC after 3 epochs, issue 10) and
 Adam's final test MSE. Writes ``time_to_quality.json`` (with the commit, the
 command line and the versions) and ``time_to_quality.png``.
@@ -68,23 +68,29 @@ LR_CENTERS = {"sgd": 0.6, "adam": 0.000557, "eva": 0.18, "eva_f": 0.54,
               "eva_s": 1.62, "kfac": 0.54, "foof": 1.62, "shampoo": 1.62}
 REFRESH = {"kfac": 10, "foof": 10, "shampoo": 10}  # inverse_every
 SIZES = (1000, 500, 250, 30, 250, 500, 1000)
-CODE = 3
+QUICK_SIZES = (64, 32, 8, 32, 64)  # --quick: a small model, fast to compile
 
 
 class Autoencoder(nn.Module):
-  """784-1000-500-250-30-250-500-1000-784, ReLU (linear code and output)."""
+  """784-1000-500-250-30-250-500-1000-784, ReLU except after the code and output.
+
+  The code is the narrowest (middle) layer; ``sizes`` lists the hidden widths.
+  """
+
+  sizes: tuple[int, ...] = SIZES
 
   @nn.compact
   def __call__(self, x):
     x = x.reshape((x.shape[0], -1))
-    for i, d in enumerate(SIZES):
+    code = len(self.sizes) // 2
+    for i, d in enumerate(self.sizes):
       x = nn.Dense(d)(x)
-      if i != CODE:
+      if i != code:
         x = nn.relu(x)
     return nn.Dense(784)(x)
 
 
-MODEL = Autoencoder()
+MODEL = Autoencoder()  # replaced by the small model under --quick (main)
 
 
 def loss_fn(params, x):
@@ -122,6 +128,8 @@ def direction(name: str, args) -> optax.GradientTransformation:
   kw = {"damping": args.direction_damping}
   if name in REFRESH:
     kw["inverse_every"] = args.inverse_every
+  if STATISTICS.get(name) == "factors" and args.stats_every > 1:
+    kw["stats_every"] = args.stats_every
   static = tuple(k for k in kw if k != "damping")
   return optax.inject_hyperparams(factory, static_args=static)(**kw)
 
@@ -154,19 +162,29 @@ def optimizer(row: str, setup: Setup, args):
 
 
 def make_step(tx, stats_mode: str | None, adaptive: bool, setup: Setup,
-              curvature_batch: int):
+              curvature_batch: int, capture: bool = True):
   """A jitted ``step(params, state, data, i) -> (params, state, loss)`` on
   batch ``i`` of ``data`` (an argument, not a constant baked into the
-  program: XLA would fold it)."""
+  program: XLA would fold it).
+
+  ``capture=False`` (steps where the preconditioner folds no statistics,
+  ``stats_every > 1``) takes plain gradients and passes zero statistics of the
+  right structure, which the preconditioner ignores on those steps.
+  """
   grad_fn = (eva_optax.value_and_grad(loss_fn, statistics=stats_mode)
              if stats_mode else jax.value_and_grad(loss_fn))
   b = setup.batch
 
   def step(params, state, data, i):
     x = jax.lax.dynamic_slice_in_dim(data, i * b, b)
-    if stats_mode:
+    if stats_mode and capture:
       loss, grads, stats = grad_fn(params, x)
       extra = {"stats": stats}
+    elif stats_mode:
+      shapes = jax.eval_shape(grad_fn, params, x)[2]
+      loss, grads = jax.value_and_grad(loss_fn)(params, x)
+      extra = {"stats": jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                     shapes)}
     else:
       loss, grads = grad_fn(params, x)
       extra = {}
@@ -199,21 +217,25 @@ _COMPILED: dict[str, Any] = {}
 
 
 def compiled_row(row: str, setup: Setup, args, params0):
-  """``(tx, compiled step, adaptive?, compile seconds)``, built once per row."""
+  """``(tx, step_at, adaptive?, compile seconds)``, built once per row;
+  ``step_at(k)`` is the compiled step for global step ``k``."""
   if row not in _COMPILED:
     tx, stats_mode, adaptive = optimizer(row, setup, args)
-    step = make_step(tx, stats_mode, adaptive, setup, args.curvature_batch)
+    every = (args.stats_every if adaptive and stats_mode == "factors" else 1)
     t0 = time.perf_counter()
-    compiled = step.lower(params0, tx.init(params0), setup.x_train,
-                          jnp.int32(0)).compile()
-    _COMPILED[row] = (tx, compiled, adaptive, time.perf_counter() - t0)
+    steps = [make_step(tx, stats_mode, adaptive, setup, args.curvature_batch,
+                       capture).lower(params0, tx.init(params0), setup.x_train,
+                                      jnp.int32(0)).compile()
+             for capture in ((True, False) if every > 1 else (True,))]
+    step_at = lambda k: steps[0] if k % every == 0 else steps[-1]
+    _COMPILED[row] = (tx, step_at, adaptive, time.perf_counter() - t0)
   return _COMPILED[row]
 
 
 def train(row: str, lr: float | None, setup: Setup, args, params0,
           steps: int | None = None, x_eval=None, log=print) -> dict[str, Any]:
   """Trains one row; test MSE every half epoch. Returns its record."""
-  tx, compiled, adaptive, compile_s = compiled_row(row, setup, args, params0)
+  tx, step_at, adaptive, compile_s = compiled_row(row, setup, args, params0)
   evaluate = make_eval(setup.x_test if x_eval is None else x_eval)
   params, state = copy(params0), copy(tx.init(params0))
   if not adaptive:
@@ -225,8 +247,8 @@ def train(row: str, lr: float | None, setup: Setup, args, params0,
   for start in range(0, steps, every):
     t = time.perf_counter()
     for k in range(start, min(start + every, steps)):
-      params, state, loss = compiled(params, state, setup.x_train,
-                                     jnp.int32(k % setup.steps_per_epoch))
+      params, state, loss = step_at(k)(params, state, setup.x_train,
+                                       jnp.int32(k % setup.steps_per_epoch))
       losses.append(loss)
     jax.block_until_ready(params)
     seconds += time.perf_counter() - t
@@ -246,7 +268,9 @@ def train(row: str, lr: float | None, setup: Setup, args, params0,
         "nonfinite_count": int(state.nonfinite_count),
         "curvature_count": int(state.curvature_count),
         "rejected_count": int(state.rejected_count)}
-  rec["_run"] = (compiled, params, state)
+  rec["load_average"] = [round(x, 2) for x in os.getloadavg()]
+  rec["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+  rec["_run"] = (step_at, params, state, steps)
   if log:
     log(f"  {row:18s} lr {lr if lr is not None else '-':<10} " + "  ".join(
         f"{e['epoch']:.1f}:{e['test_mse']:.4f}" for e in evals)
@@ -285,30 +309,45 @@ def sweep(row: str, setup: Setup, args, params0, log=print) -> dict[str, Any]:
           "chosen": best}
 
 
-def step_ratios(runs: dict[str, dict[str, Any]], rounds: int, steps: int,
-                setup: Setup) -> dict[str, float]:
-  """Median over interleaved rounds of (row's time for ``steps`` steps) / SGD's."""
-  sgd_fn, sgd_p, sgd_s = runs["sgd"]["_run"]
-  sgd_p, sgd_s = copy(sgd_p), copy(sgd_s)
-  ratios = {}
+def sgd_reference(setup: Setup, args, params0):
+  """The SGD step the step-time ratios divide by: ``(step_at, params, state, 0)``.
 
-  def timed(fn, p, s):
+  Compiled in this process (its own copy of the SGD row's program), started
+  from the initial parameters at the sweep centre's rate.
+  """
+  tx, step_at, _, _ = compiled_row("sgd", setup, args, params0)
+  state = copy(tx.init(params0))
+  state.hyperparams["peak"] = jnp.asarray(LR_CENTERS["sgd"],
+                                          state.hyperparams["peak"].dtype)
+  return (step_at, copy(params0), state, 0)
+
+
+def step_ratio(run, reference, rounds: int, steps: int, setup: Setup) -> float:
+  """Median over interleaved rounds of (row's time for ``steps`` steps) / SGD's.
+
+  Measured right after the row's training, in the same process as the SGD
+  reference. The row continues from where its training stopped, so a round of
+  10 steps holds its share of inverse refreshes, adaptations and statistics
+  captures.
+  """
+
+  def timed(run):
+    step_at, p, s, k0 = run
     t = time.perf_counter()
-    for k in range(steps):
-      p, s, _ = fn(p, s, setup.x_train, jnp.int32(k % setup.steps_per_epoch))
+    for k in range(k0, k0 + steps):
+      p, s, _ = step_at(k)(p, s, setup.x_train,
+                           jnp.int32(k % setup.steps_per_epoch))
     jax.block_until_ready(p)
-    return time.perf_counter() - t, p, s
+    return time.perf_counter() - t, (step_at, p, s, k0 + steps)
 
-  for row, rec in runs.items():
-    fn, p, s = rec["_run"]
-    p, s = copy(p), copy(s)
-    r = []
-    for _ in range(rounds):
-      t_sgd, sgd_p, sgd_s = timed(sgd_fn, sgd_p, sgd_s)
-      t_row, p, s = timed(fn, p, s)
-      r.append(t_row / t_sgd)
-    ratios[row] = float(np.median(r))
-  return ratios
+  run = (run[0], copy(run[1]), copy(run[2]), run[3])
+  ref = (reference[0], copy(reference[1]), copy(reference[2]), reference[3])
+  r = []
+  for _ in range(rounds):
+    t_sgd, ref = timed(ref)
+    t_row, run = timed(run)
+    r.append(t_row / t_sgd)
+  return float(np.median(r))
 
 
 # ----------------------------------------------------------------------------
@@ -350,7 +389,9 @@ def markdown_table(record: dict[str, Any]) -> str:
             for k in range(1, epochs + 1)]
     lr = "adaptive" if "+" in row else f"{rec['learning_rate']:.3g}"
     cells = ([label(row), lr] + mses
-             + [f"{rec['train_seconds']:.0f}", f"{rec['step_ratio_vs_sgd']:.2f}x",
+             + [f"{rec['train_seconds']:.0f}",
+                "-" if rec["step_ratio_vs_sgd"] is None
+                else f"{rec['step_ratio_vs_sgd']:.2f}x",
                 _fmt_reach(rec["reach"]["target"])])
     if adam_final is not None:
       cells.append(_fmt_reach(rec["reach"]["adam"]))
@@ -370,7 +411,8 @@ def make_record(runs, sweeps, args, setup: Setup, argv) -> dict[str, Any]:
     rec["reach"] = {"target": reach(rec, TARGET),
                     "adam": reach(rec, adam_final) if adam_final else None}
   config = {k: v for k, v in vars(args).items() if k not in ("out",)}
-  config.update(batch=setup.batch, train_images=int(setup.x_train.shape[0]),
+  config.update(model="784-" + "-".join(map(str, MODEL.sizes)) + "-784",
+                batch=setup.batch, train_images=int(setup.x_train.shape[0]),
                 test_images=int(setup.x_test.shape[0]),
                 steps_per_epoch=setup.steps_per_epoch,
                 fixed_rows={"momentum": 0.9, "schedule": "linear decay to 0",
@@ -395,7 +437,9 @@ def plot(record: dict[str, Any], path: str) -> str:
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
   for row, rec in record["runs"].items():
     _, _, mode = row.partition("+")
-    kw = dict(style.of(row), markersize=4, label=rec["label"],
+    # The gradient direction + adaptive is drawn in SGD's colour, dashed.
+    kw = dict(style.of(row.replace("gradient", "sgd")), markersize=4,
+              label=rec["label"],
               linewidth=1.6 if mode else 1.0)
     ev = rec["evals"]
     axes[0].plot([e["epoch"] for e in ev], [e["test_mse"] for e in ev], **kw)
@@ -448,7 +492,8 @@ def parser() -> argparse.ArgumentParser:
                  help="comma-separated rows, from: " + ",".join(ALL_ROWS))
   p.add_argument("--quick", action="store_true",
                  help="smoke test: 2,000 training and 2,000 test images, "
-                 "1 epoch, rows sgd,eva_f+adaptive, no sweep")
+                 "a small autoencoder (784-64-32-8-32-64-784), 1 epoch, "
+                 "rows sgd,gradient+adaptive, no sweep")
   p.add_argument("--no-sweep", action="store_true",
                  help="use the sweep centres (or --lr) instead of sweeping")
   p.add_argument("--lr", action="append", default=[], metavar="ROW=LR",
@@ -470,10 +515,16 @@ def parser() -> argparse.ArgumentParser:
                  "use (the first ones)")
   p.add_argument("--sweep-steps", type=int, default=20,
                  help="steps of each sweep run (the run's schedule, from step 0)")
+  p.add_argument("--stats-every", type=int, default=1,
+                 help="adaptive K-FAC and FOOF: capture their factors every this "
+                 "many steps (plain gradients in between)")
   p.add_argument("--ratio-rounds", type=int, default=3,
                  help="interleaved rounds for the step-time ratios")
   p.add_argument("--ratio-steps", type=int, default=10,
                  help="steps per round for the step-time ratios")
+  p.add_argument("--no-reference", action="store_true",
+                 help="do not time an SGD step for the step-time ratios "
+                 "(experiments; no ratios then)")
   p.add_argument("--seed", type=int, default=0, help="init and data order")
   p.add_argument("--out", default=None,
                  help="directory for time_to_quality.{json,png} (default: "
@@ -490,7 +541,7 @@ def parse_args(argv=None):
   if args.quick:
     args.epochs = 1
     if args.rows == p.get_default("rows"):
-      args.rows = "sgd,eva_f+adaptive"
+      args.rows = "sgd,gradient+adaptive"
     args.no_sweep = True
     args.ratio_rounds, args.ratio_steps = 1, 2
   if args.out is None:
@@ -500,14 +551,15 @@ def parse_args(argv=None):
   for r in args.rows:
     if r not in ALL_ROWS:
       p.error(f"unknown row {r!r}; choose from {','.join(ALL_ROWS)}")
-  if "sgd" not in args.rows:
-    args.rows.insert(0, "sgd")   # the reference of the step-time ratios
   args.lr = {k: float(v) for k, v in (s.split("=") for s in args.lr)}
   return args
 
 
 def main(argv=None) -> dict[str, Any]:
   args = parse_args(argv)
+  global MODEL
+  MODEL = Autoencoder(QUICK_SIZES if args.quick else SIZES)
+  _COMPILED.clear()
   data = datasets.load_fashion_mnist(args.data_dir)
   order = np.random.default_rng(args.seed).permutation(len(data.x_train))
   x_train, x_test = data.x_train[order], data.x_test
@@ -522,6 +574,7 @@ def main(argv=None) -> dict[str, Any]:
         f"fixed order, batch {batch}, {args.epochs} epochs, test MSE on "
         f"{len(x_test)} every half epoch; rows: {','.join(args.rows)}")
   sweeps, runs = {}, {}
+  reference = None if args.no_reference else sgd_reference(setup, args, params0)
   for row in args.rows:
     lr = None
     if "+" not in row:
@@ -530,15 +583,17 @@ def main(argv=None) -> dict[str, Any]:
       else:
         sweeps[row] = sweep(row, setup, args, params0)
         lr = sweeps[row]["chosen"]
-    runs[row] = train(row, lr, setup, args, params0)
-  print("Step times against SGD (interleaved rounds)...")
-  ratios = step_ratios(runs, args.ratio_rounds, args.ratio_steps, setup)
-  for row, rec in runs.items():
-    rec["step_ratio_vs_sgd"] = ratios[row]
-    del rec["_run"]
-  record = make_record(runs, sweeps, args, setup, argv)
+    rec = train(row, lr, setup, args, params0)
+    rec["step_ratio_vs_sgd"] = (
+        None if reference is None else
+        step_ratio(rec.pop("_run"), reference, args.ratio_rounds,
+                   args.ratio_steps, setup))
+    rec.pop("_run", None)
+    runs[row] = rec
+    # Written after every row: a long run that is stopped keeps its rows.
+    record = make_record(runs, sweeps, args, setup, argv)
+    paths = write(record, args.out)
   print(record["table"])
-  paths = write(record, args.out)
   print("Wrote " + ", ".join(paths))
   return record
 

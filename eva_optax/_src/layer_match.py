@@ -76,11 +76,21 @@ def initial_view(path, node: Mapping, given: dict) -> views_lib.LayerView:
   return views_lib.infer(node)
 
 
-def zero_state(method, view: views_lib.LayerView) -> dict[str, Array]:
+def zero_state(method, view: views_lib.LayerView,
+               weight: Any = None) -> dict[str, Array]:
+  """A layer's initial state; boxed like ``weight`` when it is an
+  ``nn.Partitioned`` box, with the stack axes' names (so that
+  ``nn.get_partition_spec(opt_state)`` shards a stacked layer's state along its
+  stack like the weight) and ``None`` for the other axes."""
   st = {k: jnp.zeros(view.stack + stat_shape(k, view), _F32)
         for k in method.stat_keys}
   for k, v in method.init_extra(view).items():
     st[k] = jnp.broadcast_to(v, view.stack + v.shape)
+  names = getattr(weight, "names", None)
+  if names is not None and hasattr(weight, "replace"):
+    stack_names = tuple(names[:len(view.stack)])
+    st = {k: weight.replace(value=v, names=stack_names + (None,) * (
+        v.ndim - len(view.stack))) for k, v in st.items()}
   return st
 
 

@@ -151,12 +151,16 @@ def layerwise_preconditioner(
     layers = {}
     for path, node in layer_match.layer_nodes(params).items():
       view = layer_match.initial_view(path, node, given_views)
-      layers[layer_match.name(path)] = layer_match.zero_state(method, view)
+      layers[layer_match.name(path)] = layer_match.zero_state(
+          method, view, node[view.param])
     return LayerwiseState(**counters.zero_counters(), layers=layers)
 
   def update_fn(updates, state, params=None, *, stats=None, **extra_args):
     del params, extra_args
-    matched = layer_match.match(method, updates, state.layers, stats)
+    # The state of a layer whose weight is boxed (nn.Partitioned) is boxed too.
+    state_layers = jax.tree.map(views_lib.unbox, state.layers,
+                                is_leaf=views_lib.is_box)
+    matched = layer_match.match(method, updates, state_layers, stats)
     count = state.count
     gamma = jnp.asarray(validation.value_at(damping, count), jnp.float32)
     hp_ok = jnp.logical_and(jnp.isfinite(gamma), gamma > 0)
@@ -168,13 +172,13 @@ def layerwise_preconditioner(
 
     # 1. Running averages of the statistics (not from a skipped step).
     new_obs = {m.name: m.observation for m in matched if m.observation}
-    old_obs = {n: {k: state.layers[n][k] for k in obs} for n, obs in new_obs.items()}
+    old_obs = {n: {k: state_layers[n][k] for k in obs} for n, obs in new_obs.items()}
     averages, due, finite = counters.fold_statistics(
         state, old_obs, new_obs, stat_decay, stats_every)
     keep = jnp.logical_and(hp_ok, grads_ok)
     folded = due & finite & keep
     averages = jax.tree.map(lambda n, o: jnp.where(keep, n, o), averages, old_obs)
-    layer_states = {n: {**s, **averages.get(n, {})} for n, s in state.layers.items()}
+    layer_states = {n: {**s, **averages.get(n, {})} for n, s in state_layers.items()}
 
     # 2. Periodic refresh (inverses / eigendecompositions), vectorized over slices.
     captured = [m for m in matched if m.observation]
@@ -226,7 +230,8 @@ def layerwise_preconditioner(
         **counters.advance_counters(
             state, due, finite, skipped=jnp.logical_and(hp_ok, ~ok),
             invalid_hparam=~hp_ok, folded=folded),
-        layers=layer_states)
+        layers=jax.tree.map(layer_match.rebox, state.layers, layer_states,
+                            is_leaf=views_lib.is_box))
     return new_updates, new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import warnings
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -119,7 +120,12 @@ def discover(run: Callable[[Any], Any], params: Any, mode: str,
     shape = tuple(views.unbox(node[name]).shape)
     records[ids[path]] = tap.NodeRecord(path=path, weight_shape=shape)
     markers[path] = tap.marker(ids[path], shape)
-  with capturing(tap.Session(records, mode, discovery=True)):
+  with capturing(tap.Session(records, mode, discovery=True)), \
+      warnings.catch_warnings():
+    # A marker in a node that no linen layer reads (an NNX layer inside
+    # nnx.bridge.ToLinen) is unknown state to Flax, which warns; the real pass
+    # only adds probes to the nodes found here.
+    warnings.filterwarnings("ignore", message=f"(?s).*{tree_utils.PROBE}")
     jax.eval_shape(run, tree_utils.with_probes(params, markers))
   tap.close_discovery(records, mode)
   return records, ids

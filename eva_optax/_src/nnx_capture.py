@@ -91,6 +91,9 @@ def _wrap(base: type, method: str) -> Callable:
   return wrapper
 
 
+_CAPTURED = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Embed, nnx.Einsum)
+
+
 def install() -> None:
   """Wraps the captured NNX layer methods (once; idempotent, thread safe)."""
   with _LOCK:
@@ -145,10 +148,16 @@ def _discover(loss_fn, has_aux, statistics, model, args, kwargs):
   for path, node in nodes.items():
     shape = tuple(views.unbox(node[views.weight_name(node)]).shape)
     records[ids[path]] = tap.NodeRecord(path=path, weight_shape=shape)
-    if path in modules:
-      markers[path] = tap.marker(ids[path], shape)
-    else:
+    module = modules.get(path)
+    if module is None:
       records[ids[path]].reject("its weights are not held by an NNX module")
+    elif not isinstance(module, _CAPTURED):
+      # e.g. nnx.bridge.ToNNX: the linen layers inside it are not intercepted.
+      records[ids[path]].reject(
+          f"layer type {type(module).__name__} is not supported (the NNX "
+          "capture reads nnx.Linear, LinearGeneral, Conv, Embed and Einsum)")
+    else:
+      markers[path] = tap.marker(ids[path], shape)
   with _attached(modules, markers):
     graphdef, state = nnx.split(model)
   abstract = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype)

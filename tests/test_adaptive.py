@@ -306,10 +306,11 @@ def test_parallel_directions_fall_back_to_the_1d_step():
   tx = eva_optax.adaptive(optax.identity(), "mse", initial_damping=1e-8)
   params = {"w": jnp.zeros((1,), jnp.float32)}
   state = tx.init(params)
+  update = jax.jit(lambda g, s, p, loss: tx.update(
+      g, s, p, outputs_fn=outputs_fn, value_fn=value_fn, value=loss))
   for _ in range(3):
     loss, g = jax.value_and_grad(value_fn)(params)
-    u, state = tx.update(g, state, params, outputs_fn=outputs_fn,
-                         value_fn=value_fn, value=loss)
+    u, state = update(g, state, params, loss)
     params = optax.apply_updates(params, u)
   assert float(params["w"][0]) == pytest.approx(2.0, rel=1e-4)
   # Step 1 had p = 0 (not a failure); after the exact first step g = 0 (q = 0).

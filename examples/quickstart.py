@@ -168,12 +168,15 @@ def eva_cosine(params, data, batch: int = 256) -> float:
     logits = model.apply({"params": p}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  _, grads, stats = eva_optax.value_and_grad(loss_fn)(
-      params, data.x_train[:batch], data.y_train[:batch])
   pre = eva_optax.scale_by_eva()
-  u, _ = pre.update(grads, pre.init(params), params, stats=stats)
-  return float(optax.tree.vdot(u, grads)
-               / (optax.tree.norm(u) * optax.tree.norm(grads)))
+
+  @jax.jit
+  def cosine(params, x, y):
+    _, grads, stats = eva_optax.value_and_grad(loss_fn)(params, x, y)
+    u, _ = pre.update(grads, pre.init(params), params, stats=stats)
+    return optax.tree.vdot(u, grads) / (optax.tree.norm(u) * optax.tree.norm(grads))
+
+  return float(cosine(params, data.x_train[:batch], data.y_train[:batch]))
 
 
 def main(epochs: int = 10, lr: float = 0.1, momentum: float = 0.9,

@@ -35,7 +35,7 @@ class Block(nn.Module):
     b = self.boxed
     q = nn.DenseGeneral((HEADS, HEAD_DIM), use_bias=False, name="heads",
                         kernel_init=_init(("embed", "heads", "kv"), b))(x)
-    x = x + nn.DenseGeneral(D, axis=(-2, -1), use_bias=False, name="proj",
+    x = x + nn.DenseGeneral(D, axis=(-2, -1), use_bias=False, name="value",
                             kernel_init=_init(("heads", "kv", "embed"), b))(jnp.tanh(q))
     h = nn.Dense(8, name="up", kernel_init=_init(("embed", "mlp"), b),
                  bias_init=(nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",))
@@ -88,11 +88,14 @@ def test_statistics_equal_the_unboxed_model():
   _, loss_b, grads_b, stats_b = out["boxed"]
   _, loss_p, grads_p, stats_p = out["plain"]
   np.testing.assert_allclose(loss_b, loss_p, rtol=1e-6)
-  np.testing.assert_allclose(nn.unbox(grads_b)["blocks"]["proj"]["kernel"],
-                             grads_p["blocks"]["proj"]["kernel"], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(nn.unbox(grads_b)["blocks"]["value"]["kernel"],
+                             grads_p["blocks"]["value"]["kernel"], rtol=1e-5, atol=1e-7)
   flat_b = eva_optax.describe(stats_b, out["boxed"][0])
   assert "blocks/heads" in flat_b and "not captured" not in flat_b, flat_b
-  for layer in ("heads", "proj", "up", "down"):
+  # Every leaf is in a captured layer: neither the boxes' field nor the layer
+  # named "value" (as attention's projection) shows as a plain-gradient leaf.
+  assert flat_b.endswith("plain gradient: (none)"), flat_b
+  for layer in ("heads", "value", "up", "down"):
     sb, sp = stats_b["blocks"][layer], stats_p["blocks"][layer]
     assert sb.captured and sb.view.stack == (LAYERS,), (layer, sb.note)
     for key in ("a", "g", "A", "G"):
@@ -133,5 +136,5 @@ def test_stacked_layer_state_is_boxed_along_the_stack():
   specs = nn.get_partition_spec(state)
   layers = [s for s in jax.tree.leaves(specs, is_leaf=lambda s: isinstance(
       s, jax.sharding.PartitionSpec)) if len(s) and s[0] == "layers"]
-  # heads, proj, up, down: A and G (K-FAC) and their inverses, per stacked layer.
+  # heads, value, up, down: A and G (K-FAC) and their inverses, per stacked layer.
   assert len(layers) >= 8, specs

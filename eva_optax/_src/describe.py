@@ -70,8 +70,10 @@ def describe(stats: Any, params: Any) -> str:
                    "params has not | -")
   plain = []
   for kp, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-    key = tuple(tree_utils.key_name(k) for k in kp if tree_utils.key_name(k)
-                not in ("value",))
+    # A box's field (nn.Partitioned.value) is not part of the path; a module
+    # named "value" (an attention projection) is.
+    key = tuple(tree_utils.key_name(k) for k in kp
+                if not isinstance(k, jax.tree_util.GetAttrKey))
     if key not in covered:
       plain.append("/".join(key))
   lines.append("plain gradient: " + (", ".join(plain) if plain else "(none)"))

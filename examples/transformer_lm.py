@@ -287,8 +287,8 @@ def optimizer_options(names, views) -> dict[str, dict[str, Any]]:
   kernel would be one 3-way tensor), where this version accepts them.
 
   Raises:
-    SystemExit: a layer-wise alias does not accept ``layer_views`` (a scanned
-      model cannot be trained with it then; ``--no-scan`` can).
+    SystemExit: a layer-wise alias does not accept ``layer_views`` (this
+      model cannot be trained with it then).
   """
   options = {n: dict(OPTIONS.get(n, {})) for n in names}
   for n in names:
@@ -299,7 +299,7 @@ def optimizer_options(names, views) -> dict[str, dict[str, Any]]:
     elif n in LAYERWISE:
       raise SystemExit(
           f"eva_optax.{n} does not accept layer_views= in this version, and "
-          "a scanned model needs it; run with --no-scan (unrolled blocks).")
+          "this model needs it (scanned blocks, bias-free attention).")
   return options
 
 
@@ -401,7 +401,9 @@ def main(argv=None) -> dict[str, Any]:
                           x[:1])["params"]
   loss_fn = lm_loss(model)
   stats = jax.eval_shape(eva_optax.value_and_grad(loss_fn), params, x, y)[2]
-  views = eva_optax.layer_views(loss_fn, params, x, y) if args.scan else None
+  # Needed scanned or not: the bias-free attention projections have several
+  # output axes, which shapes alone cannot tell from several input axes.
+  views = eva_optax.layer_views(loss_fn, params, x, y)
   description = eva_optax.describe(stats, params)
   print(f"Corpus: {splits.info['source']}: {splits.info['characters']:,} "
         f"characters, vocabulary {splits.info['vocabulary']}.")

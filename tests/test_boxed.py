@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import numpy_init, preconditioner
+from conftest import OPTIMIZERS, numpy_init, preconditioner
 
 import eva_optax
 
@@ -28,15 +28,16 @@ def _init(name, boxed):
 
 
 class Block(nn.Module):
+  """Bias-free multi-head self-attention (as Flax's transformers configure it)
+  and an MLP, every weight boxed with logical axis names."""
   boxed: bool
 
   @nn.compact
   def __call__(self, x, _):
     b = self.boxed
-    q = nn.DenseGeneral((HEADS, HEAD_DIM), use_bias=False, name="heads",
-                        kernel_init=_init(("embed", "heads", "kv"), b))(x)
-    x = x + nn.DenseGeneral(D, axis=(-2, -1), use_bias=False, name="value",
-                            kernel_init=_init(("heads", "kv", "embed"), b))(jnp.tanh(q))
+    x = x + nn.MultiHeadDotProductAttention(
+        num_heads=HEADS, qkv_features=HEADS * HEAD_DIM, use_bias=False, name="attn",
+        kernel_init=_init(("embed", "heads", "kv"), b))(x)
     h = nn.Dense(8, name="up", kernel_init=_init(("embed", "mlp"), b),
                  bias_init=(nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",))
                             if b else nn.initializers.zeros))(x)
@@ -65,8 +66,8 @@ def _loss(boxed):
 @functools.lru_cache(maxsize=None)
 def _problem():
   rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(12, 4)) + 0.5, jnp.float32)
-  t = jnp.asarray(rng.normal(size=(12, 2)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(3, 4, 4)) + 0.5, jnp.float32)
+  t = jnp.asarray(rng.normal(size=(3, 4, 2)), jnp.float32)
   boxed = numpy_init(Model(True), x)
   plain = nn.unbox(boxed)
   out = {}
@@ -79,8 +80,9 @@ def _problem():
 def test_boxed_params_are_boxed():
   _, _, out = _problem()
   boxed = out["boxed"][0]
-  assert isinstance(boxed["blocks"]["heads"]["kernel"], nn.LogicallyPartitioned)
-  assert boxed["blocks"]["heads"]["kernel"].names == ("layers", "embed", "heads", "kv")
+  assert isinstance(boxed["blocks"]["attn"]["query"]["kernel"], nn.LogicallyPartitioned)
+  assert boxed["blocks"]["attn"]["query"]["kernel"].names == (
+      "layers", "embed", "heads", "kv")
 
 
 def test_statistics_equal_the_unboxed_model():
@@ -88,22 +90,25 @@ def test_statistics_equal_the_unboxed_model():
   _, loss_b, grads_b, stats_b = out["boxed"]
   _, loss_p, grads_p, stats_p = out["plain"]
   np.testing.assert_allclose(loss_b, loss_p, rtol=1e-6)
-  np.testing.assert_allclose(nn.unbox(grads_b)["blocks"]["value"]["kernel"],
-                             grads_p["blocks"]["value"]["kernel"], rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(nn.unbox(grads_b)["blocks"]["attn"]["value"]["kernel"],
+                             grads_p["blocks"]["attn"]["value"]["kernel"], rtol=1e-5,
+                             atol=1e-7)
   flat_b = eva_optax.describe(stats_b, out["boxed"][0])
-  assert "blocks/heads" in flat_b and "not captured" not in flat_b, flat_b
+  assert "blocks/attn/query" in flat_b and "not captured" not in flat_b, flat_b
   # Every leaf is in a captured layer: neither the boxes' field nor the layer
   # named "value" (as attention's projection) shows as a plain-gradient leaf.
   assert flat_b.endswith("plain gradient: (none)"), flat_b
-  for layer in ("heads", "value", "up", "down"):
-    sb, sp = stats_b["blocks"][layer], stats_p["blocks"][layer]
+  for layer in ("attn/query", "attn/key", "attn/value", "attn/out", "up", "down"):
+    sb, sp = (stats["blocks"] for stats in (stats_b, stats_p))
+    for k in layer.split("/"):
+      sb, sp = sb[k], sp[k]
     assert sb.captured and sb.view.stack == (LAYERS,), (layer, sb.note)
     for key in ("a", "g", "A", "G"):
       np.testing.assert_allclose(getattr(sb, key), getattr(sp, key), rtol=1e-5,
                                  atol=1e-7, err_msg=f"{layer}.{key}")
 
 
-@pytest.mark.parametrize("name", ["eva", "kfac", "eva_s"])   # vectors, factors, per tensor
+@pytest.mark.parametrize("name", OPTIMIZERS)
 def test_updates_equal_the_unboxed_model_and_stay_boxed(name):
   x, t, out = _problem()
   p_b, _, grads_b, stats_b = out["boxed"]
@@ -114,9 +119,10 @@ def test_updates_equal_the_unboxed_model_and_stay_boxed(name):
     views = eva_optax.layer_views(_loss(kind == "boxed"), p, x, t)
     tx = preconditioner(name, layer_views=views)
     state = tx.init(p)
-    ups[kind], state = jax.jit(tx.update)(grads, state, p, stats=stats)
-    ups[kind], state = jax.jit(tx.update)(grads, state, p, stats=stats)   # 2 steps
-  kernel = ups["boxed"]["blocks"]["heads"]["kernel"]
+    update = jax.jit(tx.update)
+    for _ in range(2):
+      ups[kind], state = update(grads, state, p, stats=stats)
+  kernel = ups["boxed"]["blocks"]["attn"]["query"]["kernel"]
   assert isinstance(kernel, nn.LogicallyPartitioned), type(kernel)
   assert kernel.names == ("layers", "embed", "heads", "kv")
   got, want = jax.tree.leaves(nn.unbox(ups["boxed"])), jax.tree.leaves(ups["plain"])
@@ -136,5 +142,5 @@ def test_stacked_layer_state_is_boxed_along_the_stack():
   specs = nn.get_partition_spec(state)
   layers = [s for s in jax.tree.leaves(specs, is_leaf=lambda s: isinstance(
       s, jax.sharding.PartitionSpec)) if len(s) and s[0] == "layers"]
-  # heads, value, up, down: A and G (K-FAC) and their inverses, per stacked layer.
-  assert len(layers) >= 8, specs
+  # query, key, value, out, up, down: A and G (K-FAC) at least, per stacked layer.
+  assert len(layers) >= 12, specs

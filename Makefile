@@ -43,7 +43,7 @@ data:
 	fi
 
 test: install data
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --durations=25 tests
 
 demo: install data
 	$(PY) examples/demo.py

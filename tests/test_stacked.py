@@ -158,7 +158,8 @@ def _assert_update(name, got, grad_node, st, where):
   ref = reference_update(name, grad_node, st)
   for leaf, value in ref.items():
     err = rel_err(got[leaf], value)
-    assert err < (1e-3 if name in ("foof", "shampoo") else 2e-4), (name, where, leaf, err)
+    # Shampoo: inverse 4th roots at matrix_eps 1e-6 amplify float32 round-off.
+    assert err < {"foof": 1e-3, "shampoo": 3e-3}.get(name, 2e-4), (name, where, leaf, err)
   return cosine(ref[next(iter(ref))], grad_node[next(iter(ref))])
 
 

@@ -13,8 +13,8 @@ def _mb(b: float) -> str:
   return f"{b / 1e6:.3f}"
 
 
-def report(summary: dict[str, Any], names: list[str], labels: dict[str, str]) -> str:
-  labels = [labels[n] for n in names]
+def report(summary: dict[str, Any], names: list[str], label_of: dict[str, str]) -> str:
+  labels = [label_of[n] for n in names]
   out = ["Step time / SGD's (wall; CPU time in brackets), virtual CPU devices:", "",
          "| devices | SGD step ms | " + " | ".join(labels) + " |",
          "|---:|---:|" + "---:|" * len(names)]
@@ -40,13 +40,13 @@ def report(summary: dict[str, Any], names: list[str], labels: dict[str, str]) ->
   if last["devices"] > 1:
     measured = {n: o["extra_bytes_vs_sgd"] // 4 for n, o in last["optimizers"].items()}
     out.append(f"Measured extra floats at {last['devices']} devices: "
-               + ", ".join(f"{labels[n]} {v}" for n, v in measured.items()
+               + ", ".join(f"{label_of[n]} {v}" for n, v in measured.items()
                            if n != "sgd")
                + f"; SGD's total {last['sgd_bytes'] // 4}.")
   return "\n".join(out)
 
 
-def plot(summary: dict[str, Any], names: list[str], labels: dict[str, str],
+def plot(summary: dict[str, Any], names: list[str], label_of: dict[str, str],
          path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -59,10 +59,10 @@ def plot(summary: dict[str, Any], names: list[str], labels: dict[str, str],
   many = [r for r in rows if r["devices"] > 1]     # one device: no collectives
   for n in names:
     ax1.plot(devs, [r["optimizers"][n]["ratio_vs_sgd"] for r in rows],
-             label=labels[n], **style.of(n))
+             label=label_of[n], **style.of(n))
     extra = [r["optimizers"][n]["extra_bytes_vs_sgd"] / 1e6 for r in many]
     if n != "sgd" and extra and min(extra) > 0:
-      ax2.plot([r["devices"] for r in many], extra, label=labels[n],
+      ax2.plot([r["devices"] for r in many], extra, label=label_of[n],
                **style.of(n))
   if many:
     ax2.plot([r["devices"] for r in many], [r["sgd_bytes"] / 1e6 for r in many],

@@ -68,10 +68,12 @@ START_LRS = {"sgd": 0.3, "adam": 0.003, "eva": 0.3, "eva_f": 0.3,
              "eva_s": 0.3, "kfac": 0.3, "foof": 0.3, "shampoo": 0.3}
 # Without --sweep: the values the sweep chose (2 epochs on 1,600 windows,
 # scored on 256 windows of held-out training text; every value tried and its
-# loss are in examples/results/transformer_lm.json). SGD and Eva-s chose the
-# lowest value tried after two extensions of the grid (x1/9 of the centre).
+# loss are in examples/results/transformer_lm.json). SGD, Eva-s and Shampoo
+# chose the lowest value tried after two extensions of the grid (x1/27 of the
+# centre). K-FAC's value was swept on the unrolled model (--no-scan; see the
+# README: its batched Cholesky hangs on a 2-core CPU); FOOF was not swept.
 DEFAULT_LRS = {**START_LRS, "sgd": 0.0111, "adam": 0.003, "eva": 0.1,
-               "eva_f": 0.3, "eva_s": 0.0111}
+               "eva_f": 0.3, "eva_s": 0.0111, "kfac": 0.3, "shampoo": 0.0111}
 # Inverses every 10 steps (the authors' CIFAR K-FAC setting).
 OPTIONS = {"kfac": {"inverse_every": 10}, "foof": {"inverse_every": 10},
            "shampoo": {"inverse_every": 10}}

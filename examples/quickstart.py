@@ -152,12 +152,22 @@ def validation_split(data, fraction: float = 0.2):
 
 def tune(name: str, epochs: int, momentum: float, batch_size: int, seed: int,
          data) -> tuple[float, dict]:
-  """The sweep's best rate (lowest validation loss) and every rate's loss."""
-  runs = train(name, epochs, None, momentum, batch_size, seed,
-               validation_split(data), lrs=list(SWEEPS[name]))
-  losses = {r: h["test_loss"][-1] for r, h in runs.items()}
-  losses = {r: (v if np.isfinite(v) else np.inf) for r, v in losses.items()}
-  return min(losses, key=losses.get), losses
+  """The sweep's best rate (lowest validation loss) and every rate's loss.
+
+  A best rate at an edge of the grid is extended once by a factor ~3.
+  """
+  grid = list(SWEEPS[name])
+  losses = {}
+  while True:
+    todo = [r for r in grid if r not in losses]
+    runs = train(name, epochs, None, momentum, batch_size, seed,
+                 validation_split(data), lrs=todo)
+    losses.update({r: (h["test_loss"][-1] if np.isfinite(h["test_loss"][-1])
+                       else np.inf) for r, h in runs.items()})
+    best = min(losses, key=losses.get)
+    if len(losses) > len(SWEEPS[name]) or best not in (min(grid), max(grid)):
+      return best, dict(sorted(losses.items()))
+    grid.append(best * 10 ** 0.5 if best == max(grid) else best / 10 ** 0.5)
 
 
 def eva_cosine(params, data, batch: int = 256) -> float:

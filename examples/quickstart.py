@@ -4,7 +4,8 @@ A small MLP classifies scikit-learn's 8x8 digits (bundled, no download). Four
 optimizers, same initialisation and data order:
 
 * ``sgd`` and ``adam``: optax's, each at the best learning rate of a 3-point
-  sweep on a validation split of the training images (fair tuning);
+  sweep on a validation split of the training images, extended once when the
+  best is at an edge (fair tuning);
 * ``eva``: the library's namesake at the paper's settings;
 * ``foof+adaptive``: the best method of the library in our measurements
   (README, "Which optimizer should I use?"): FOOF's direction with the

@@ -149,6 +149,8 @@ register(Table("classifier", "examples/results/classifier.json",
 register(Table("classifier_next_lower_lr",
                "examples/results/classifier_next_lower_lr.json",
                comparison_table(), committed_in="863507a"))
+register(Table("transformer_lm", "examples/results/transformer_lm.json",
+               comparison_table()))
 # benchmarks/time_to_quality.py stores its table (time_to_quality.markdown_table,
 # a pure function of the record, checked by tests/test_adaptive.py) in the JSON.
 register(Table("time_to_quality", "benchmarks/results/time_to_quality.json",

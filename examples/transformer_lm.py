@@ -27,9 +27,15 @@ scanned kernels are stacks of layers and how the bias-free attention
 projections are read, and tell Eva-s and Shampoo to precondition each slice
 of a stacked kernel as its own tensor.
 
-    python examples/transformer_lm.py --sweep          # the README's table
-    python examples/transformer_lm.py --small          # seconds (the test)
+    python examples/transformer_lm.py --sweep          # sweep, then train
+    python examples/transformer_lm.py --small          # the test's setting
     python examples/transformer_lm.py --text my.txt --optimizers adam,eva
+
+On a two-core CPU, K-FAC on the scanned model can hang: jaxlib 0.10.2's
+batched Cholesky (the damped inverses of the stacked factors) waits on both
+XLA worker threads at once. ``--optimizers kfac --no-scan --append`` trains it
+on the unrolled model (the same function and the same layers), which is how
+the README's K-FAC row was produced.
 """
 
 from __future__ import annotations

@@ -254,3 +254,41 @@ def test_vmap_members_updates_equal_each_member_alone(name):
     for layer in ("conv", "dense"):
       got = jax.tree.map(lambda w, m=m: w[m], up["members"][layer])
       _assert_update(name, got, m_grads[layer], m_stats[layer], f"{layer} member {m}")
+
+
+# ----------------------------------------------------------------------------
+# Leaves of a scanned block that no captured layer holds (LayerNorm).
+
+
+class _NormBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    return x + nn.Dense(4, name="dense")(nn.LayerNorm(name="norm")(x)), None
+
+
+class _NormModel(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = x + self.param("pos", nn.initializers.normal(1.0), (2, 4))   # (2, 4) like a stack
+    x, _ = nn.scan(_NormBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                   length=2)(name="blocks")(x, None)
+    return nn.Dense(3, name="head")(x)
+
+
+@pytest.mark.parametrize("name", ["eva_s", "shampoo"])
+def test_per_tensor_optimizers_keep_a_scanned_norm_per_slice(name):
+  """A scanned LayerNorm's (layers, width) scale is one vector per block: with
+  SGD grafting each slice's update is its gradient, never a (layers, width)
+  matrix preconditioned across blocks; a root (2, 4) parameter is a matrix."""
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(5, 2, 4)), jnp.float32)
+  params = numpy_init(_NormModel(), x, seed=5)
+  loss = lambda p, x: jnp.mean(_NormModel().apply({"params": p}, x) ** 2)
+  grads = jax.grad(loss)(params, x)
+  views = eva_optax.layer_views(loss, params, x)
+  tx = preconditioner(name, layer_views=views)
+  up, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  for leaf in ("scale", "bias"):
+    np.testing.assert_allclose(up["blocks"]["norm"][leaf], grads["blocks"]["norm"][leaf],
+                               rtol=1e-6, err_msg=leaf)
+  pos = np.asarray(up["pos"])
+  assert cosine(pos, grads["pos"]) < 0.9999, "the root (2, 4) parameter is preconditioned"

@@ -111,6 +111,15 @@ def _unflat_stack(tree: Any, stack: tuple[int, ...]) -> Any:
   return jax.tree.map(lambda x: x.reshape(stack + x.shape[1:]), tree)
 
 
+def _over_slices(fn: Callable[..., Any], per: Any) -> Any:
+  """``fn`` on every slice of a stack: vmapped, except on CPU, where one slice
+  at a time (a compiled loop): jaxlib's batched CPU Cholesky and eigh can
+  deadlock when several run at once on few cores."""
+  if jax.default_backend() == "cpu":
+    return jax.lax.map(fn, per)
+  return jax.vmap(fn)(per)
+
+
 def layerwise_preconditioner(
     method: Method,
     *,
@@ -180,7 +189,7 @@ def layerwise_preconditioner(
     averages = jax.tree.map(lambda n, o: jnp.where(keep, n, o), averages, old_obs)
     layer_states = {n: {**s, **averages.get(n, {})} for n, s in state_layers.items()}
 
-    # 2. Periodic refresh (inverses / eigendecompositions), vectorized over slices.
+    # 2. Periodic refresh (inverses / eigendecompositions), over the slices.
     captured = [m for m in matched if m.observation]
     if method.refresh is not None and captured:
       def refresh_all(ls):
@@ -188,7 +197,7 @@ def layerwise_preconditioner(
         for m in captured:
           per = _flat_stack(ls[m.name], m.view.stack)
           fn = lambda s, view=m.view: method.refresh(s, safe_gamma, view)
-          out[m.name] = _unflat_stack(jax.vmap(fn)(per), m.view.stack)
+          out[m.name] = _unflat_stack(_over_slices(fn, per), m.view.stack)
         return out
       due_refresh = jnp.logical_and((count % refresh_every) == 0, keep)
       layer_states = jax.lax.cond(due_refresh, refresh_all, lambda ls: ls,

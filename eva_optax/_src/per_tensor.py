@@ -23,17 +23,36 @@ def is_preconditioned(leaf: Any, depth: int = 0) -> bool:
 
 def stack_depths(tree: Any, layer_views: Any) -> list[int]:
   """Per leaf of ``tree`` (in flattening order), how many leading axes are a
-  stack of layers: ``len(view.stack)`` of the layer in ``layer_views`` (from
-  :func:`eva_optax.layer_views` or the statistics) that holds the leaf, else 0."""
+  stack of layers.
+
+  A leaf of a layer in ``layer_views`` (from :func:`eva_optax.layer_views` or
+  the statistics) has its layer's ``len(view.stack)``. Any other leaf (a
+  LayerNorm's scale inside an ``nn.scan`` block) takes the stack of the
+  nearest enclosing module that holds layers, when all of them share one stack
+  and the leaf's leading axes match it; otherwise 0.
+  """
   given = layer_match.views_from(layer_views)
   if not given:
     return [0] * len(jax.tree.leaves(tree))
   depths = []
-  for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    names = tuple(tree_utils.key_name(k) for k in path)
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    names = tuple(tree_utils.key_name(k) for k in path
+                  if not isinstance(k, jax.tree_util.GetAttrKey))
     view = next((given[names[:n]] for n in range(len(names), -1, -1)
                  if names[:n] in given), None)
-    depths.append(0 if view is None else len(view.stack))
+    if view is not None:
+      depths.append(len(view.stack))
+      continue
+    depth = 0
+    for n in range(len(names) - 1, -1, -1):
+      inside = {v.stack for p, v in given.items() if p[:n] == names[:n]}
+      if inside:
+        stack = next(iter(inside))
+        if (len(inside) == 1 and stack
+            and tuple(getattr(leaf, "shape", ())[:len(stack)]) == stack):
+          depth = len(stack)
+        break
+    depths.append(depth)
   return depths
 
 

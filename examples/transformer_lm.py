@@ -48,21 +48,18 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import argparse
 import inspect
-import math
 import sys
 from typing import Any
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 import eva_optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # pylint: disable=g-import-not-at-top,wrong-import-position
 import text_data  # pylint: disable=g-import-not-at-top,wrong-import-position
+from char_gpt import Block, CharGPT, JitInit, lm_loss, loss_and_metrics  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
 
 NAME = "transformer_lm"
 DEFAULT_OPTIMIZERS = ("sgd", "adam", "eva", "eva_f", "eva_s", "kfac",
@@ -88,98 +85,6 @@ PER_TENSOR = ("eva_s", "shampoo")
 
 
 # ----------------------------------------------------------------------------
-# The model.
-
-
-class Block(nn.Module):
-  """Pre-LayerNorm transformer block: causal self-attention, then a GELU MLP.
-
-  Called as ``(x, mask) -> (x, None)`` so that it is its own ``nn.scan`` body.
-  """
-
-  heads: int
-  mlp_ratio: int = 4
-
-  @nn.compact
-  def __call__(self, x, mask):
-    width = x.shape[-1]
-    h = nn.LayerNorm(name="ln_attn")(x)
-    h = nn.MultiHeadDotProductAttention(
-        num_heads=self.heads, use_bias=False, deterministic=True,
-        name="attn")(h, h, mask=mask)
-    x = x + h
-    h = nn.LayerNorm(name="ln_mlp")(x)
-    h = nn.gelu(nn.Dense(self.mlp_ratio * width, name="mlp_in")(h))
-    return x + nn.Dense(width, name="mlp_out")(h), None
-
-
-class CharGPT(nn.Module):
-  """A GPT-style decoder over characters; returns ``(batch, T, vocab)`` logits."""
-
-  vocab: int
-  context: int
-  width: int = 64
-  layers: int = 2
-  heads: int = 4
-  tie: bool = False
-  scan: bool = True
-
-  @nn.compact
-  def __call__(self, tokens):
-    t = tokens.shape[-1]
-    if t > self.context:
-      raise ValueError(f"{t} tokens > context {self.context}.")
-    init = nn.initializers.normal(0.02)   # GPT-2's embedding initialisation
-    tok = nn.Embed(self.vocab, self.width, embedding_init=init,
-                   name="tok_embed")
-    x = tok(tokens) + nn.Embed(self.context, self.width, embedding_init=init,
-                               name="pos_embed")(jnp.arange(t))
-    mask = nn.make_causal_mask(tokens)
-    if self.scan:
-      blocks = nn.scan(Block, variable_axes={"params": 0},
-                       split_rngs={"params": True}, in_axes=nn.broadcast,
-                       length=self.layers)
-      x, _ = blocks(self.heads, name="blocks")(x, mask)
-    else:
-      for i in range(self.layers):
-        x, _ = Block(self.heads, name=f"block_{i}")(x, mask)
-    x = nn.LayerNorm(name="ln_out")(x)
-    if self.tie:
-      return tok.attend(x)
-    return nn.Dense(self.vocab, use_bias=False, name="head")(x)
-
-
-class JitInit:
-  """``model`` with its ``init`` compiled once by ``jax.jit``.
-
-  The harness initialises the model for every run; Flax's ``init`` runs
-  eagerly, and for the scanned attention blocks that is about a hundred small
-  XLA programs, each compiled the first time (seconds on a small CPU, more
-  than the training steps of ``--small``). The jitted ``init`` draws the same
-  parameters; ``apply`` is the model's own.
-  """
-
-  def __init__(self, model: nn.Module):
-    self.module = model
-    self.init = jax.jit(model.init)
-    self.apply = model.apply
-
-
-def loss_and_metrics(logits, x, y):
-  """Cross-entropy in nats per character and next-character accuracy."""
-  del x
-  loss = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), y).mean()
-  return loss, {"accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
-
-
-def lm_loss(model: nn.Module):
-  def loss_fn(params, x, y):
-    return loss_and_metrics(model.apply({"params": params}, x), x, y)[0]
-  return loss_fn
-
-
-# ----------------------------------------------------------------------------
 # What each optimizer preconditions.
 
 
@@ -191,15 +96,22 @@ def _view_paths(views: Any) -> dict[tuple[str, ...], Any]:
   return {tuple(str(getattr(k, "key", k)) for k in kp): v for kp, v in flat}
 
 
-def stack_depth(path: tuple[str, ...], views: dict[tuple[str, ...], Any]
-                ) -> int:
+def stack_depth(path: tuple[str, ...], views: dict[tuple[str, ...], Any],
+                shape: tuple[int, ...] = ()) -> int:
   """How many leading axes of the leaf at ``path`` are a stack of layers, as
   Eva-s and Shampoo read it: ``len(view.stack)`` of the innermost layer in
-  ``views`` that holds the leaf, 0 for a leaf outside every captured layer
-  (so a scanned LayerNorm's ``(layers, width)`` scale is one matrix to them)."""
+  ``views`` that holds the leaf; for any other leaf (a scanned LayerNorm's
+  ``(layers, width)`` scale) the stack of the nearest enclosing module that
+  holds layers, if they all share it and the leaf's leading axes match it."""
   for n in range(len(path), -1, -1):
     if path[:n] in views:
       return len(views[path[:n]].stack)
+  for n in range(len(path) - 1, -1, -1):
+    inside = {v.stack for p, v in views.items() if p[:n] == path[:n]}
+    if inside:
+      stack = next(iter(inside))
+      ok = len(inside) == 1 and stack and tuple(shape[:len(stack)]) == stack
+      return len(stack) if ok else 0
   return 0
 
 
@@ -212,9 +124,8 @@ def preconditioned(stats: Any, params: Any, views: Any = None
   the plain gradient. Per tensor (Eva-s, Shampoo): every tensor of rank >= 2
   once the stack axes its layer view names (``views``, from
   :func:`eva_optax.layer_views`) are taken off: embeddings and kernels,
-  stacked or not, and also the ``(layers, width)`` stacks of the scanned
-  LayerNorms, which no captured layer holds; vectors (biases, the final
-  LayerNorm) get the gradient (Eva-s) or the SGD graft (Shampoo, which is the
+  stacked or not; vectors (biases, the LayerNorms, also the ``(layers,
+  width)`` stacks of the scanned ones, one vector per block) get the gradient (Eva-s) or the SGD graft (Shampoo, which is the
   gradient's step too).
 
   Returns:
@@ -226,7 +137,7 @@ def preconditioned(stats: Any, params: Any, views: Any = None
   paths = {"/".join(str(getattr(k, "key", k)) for k in kp):
            tuple(str(getattr(k, "key", k)) for k in kp) for kp, _ in flat_params}
   sizes = {p: int(np.size(v)) for p, (_, v) in zip(paths, flat_params)}
-  ranks = {p: np.ndim(v) for p, (_, v) in zip(paths, flat_params)}
+  shapes = {p: tuple(np.shape(v)) for p, (_, v) in zip(paths, flat_params)}
   total = sum(sizes.values())
   captured = set()
   flat = jax.tree_util.tree_flatten_with_path(
@@ -237,7 +148,7 @@ def preconditioned(stats: Any, params: Any, views: Any = None
       captured.update(p for p in sizes if p.rsplit("/", 1)[0] == prefix)
   by_path = _view_paths(views)
   tensors = {p for p in sizes
-             if ranks[p] - stack_depth(paths[p], by_path) >= 2}
+             if len(shapes[p]) - stack_depth(paths[p], by_path, shapes[p]) >= 2}
 
   def part(leaves):
     n = sum(sizes[p] for p in leaves)

@@ -192,9 +192,9 @@ def test_every_linear_layer_is_captured_with_the_stack(tie):
 def test_preconditioned_fractions_count_the_parameters(tie):
   """Counted by hand. Layer-wise: everything but the LayerNorms. Per tensor
   (Eva-s, Shampoo, each slice of a stack its own tensor): the kernels and
-  embeddings, and the scanned LayerNorms' (blocks, width) stacks, which no
-  captured layer holds and which they therefore read as matrices; not the
-  MLP biases (vectors of a stacked layer) nor the final LayerNorm."""
+  embeddings; not the MLP biases (vectors of a stacked layer), the scanned
+  LayerNorms' (blocks, width) stacks (one vector per block) nor the final
+  LayerNorm."""
   params, _, stats, views = _shapes(tie)
   embed = V * W + T * W
   block = 4 * W * W + (W * 4 * W + 4 * W) + (4 * W * W + W)
@@ -205,7 +205,7 @@ def test_preconditioned_fractions_count_the_parameters(tie):
   assert info["total"] == total
   assert info["layerwise"]["parameters"] == total - block_norms - out_norm
   mlp_biases = L * (4 * W + W)
-  assert info["per_tensor"]["parameters"] == total - out_norm - mlp_biases
+  assert info["per_tensor"]["parameters"] == total - out_norm - mlp_biases - block_norms
   assert transformer_lm.fraction_of("eva", info) == (
       (total - block_norms - out_norm) / total)
   assert transformer_lm.fraction_of("shampoo", info) == (
@@ -217,7 +217,8 @@ def test_preconditioned_fractions_count_the_parameters(tie):
       "blocks/ln_mlp/scale", "ln_out/bias", "ln_out/scale"}
   assert set(info["plain_gradient"]["per_tensor"]) == {
       "blocks/mlp_in/bias", "blocks/mlp_out/bias", "ln_out/bias",
-      "ln_out/scale"}
+      "ln_out/scale", "blocks/ln_attn/bias", "blocks/ln_attn/scale",
+      "blocks/ln_mlp/bias", "blocks/ln_mlp/scale"}
   # Without the views every leaf of rank >= 2 counts, the MLP biases too.
   flat = transformer_lm.preconditioned(stats, params, None)
   assert flat["per_tensor"]["parameters"] == total - out_norm

@@ -155,6 +155,9 @@ register(Table("transformer_lm", "examples/results/transformer_lm.json",
 # a pure function of the record, checked by tests/test_adaptive.py) in the JSON.
 register(Table("time_to_quality", "benchmarks/results/time_to_quality.json",
                lambda record: record["table"]))
+# benchmarks/scaling.py stores its report (benchlib.scaling_report.report) too.
+register(Table("scaling", "benchmarks/results/scaling.json",
+               lambda record: record["table"]))
 
 
 def render(table: Table, root: str = ROOT) -> str:

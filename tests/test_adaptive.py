@@ -8,36 +8,17 @@ outputs (``jax.hessian``), and NumPy solves of the exact quadratic.
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from jax.flatten_util import ravel_pytree
-from optax._src import test_utils
 
 import eva_optax
-from eva_optax._src import adaptive as adaptive_lib
 from eva_optax._src import quadratic_model
-
-
-class TinyMLP(nn.Module):
-  out: int = 3
-
-  @nn.compact
-  def __call__(self, x):
-    x = jnp.tanh(nn.Dense(4)(x))
-    return nn.Dense(self.out)(x)
-
-
-def _problem(dtype=jnp.float32, batch=5, d_in=3, out=3, seed=0):
-  rng = np.random.default_rng(seed)
-  x = jnp.asarray(rng.normal(size=(batch, d_in)), dtype)
-  model = TinyMLP(out=out)
-  params = jax.tree.map(lambda p: p.astype(dtype),
-                        model.init(jax.random.PRNGKey(seed), x)["params"])
-  return model, params, x, rng
+from adaptive_problems import linear_problem
+from adaptive_problems import tiny_problem
 
 
 # Each declared loss, as the user writes it with optax, on outputs y and targets t.
@@ -71,7 +52,7 @@ def _dense_ggn(model, params, x, loss_of_outputs):
 @pytest.mark.parametrize("loss", sorted(OPTAX_LOSSES) + ["callable"])
 def test_gram_equals_dense_float64_ggn(loss):
   with jax.enable_x64(True):
-    model, params, x, rng = _problem(jnp.float64, out=4)
+    model, params, x, rng = tiny_problem(jnp.float64, out=4)
     y = model.apply({"params": params}, x)
     name = "softmax_cross_entropy" if loss == "callable" else loss
     t = _targets(name, y.shape, rng)
@@ -95,7 +76,7 @@ def test_gram_equals_dense_float64_ggn(loss):
         np.testing.assert_allclose(np.asarray(scaled), scale * ref, rtol=1e-10,
                                    atol=1e-14)
   # And in float32 (the library's working precision for float32 models).
-  model, params32, x32, _ = _problem(jnp.float32, out=4)
+  model, params32, x32, _ = tiny_problem(jnp.float32, out=4)
   t32 = jnp.asarray(np.asarray(t), jnp.float32)
   declared = (lambda o: OPTAX_LOSSES[name](o, t32)) if loss == "callable" else loss
   u32, w32 = (jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), unravel(v))
@@ -110,18 +91,6 @@ def test_gram_equals_dense_float64_ggn(loss):
 # The 2x2 solve and the Levenberg-Marquardt rule on an exact quadratic.
 
 
-def _linear_problem(n=12, k=4, m=3, seed=0):
-  """Outputs ``A w`` (a linear model): the MSE is an exact quadratic with
-  Hessian ``2/(n m) sum_j A_j^T A_j``, equal to the GGN."""
-  rng = np.random.default_rng(seed)
-  a = rng.normal(size=(n, k))
-  t = rng.normal(size=(n, m))
-  outputs_fn = lambda p: jnp.asarray(a, jnp.float32) @ p["w"]
-  value_fn = lambda p: jnp.mean((outputs_fn(p) - jnp.asarray(t, jnp.float32)) ** 2)
-  hess = np.kron(2.0 * a.T @ a / (n * m), np.eye(m))   # row-major vec of w (k, m)
-  return outputs_fn, value_fn, hess, rng
-
-
 def _scale_by_matrix(p_mat):
   """A fixed preconditioner ``d = P vec(g)`` (an arbitrary positive definite P)."""
   def update(updates, state, params=None):
@@ -132,7 +101,7 @@ def _scale_by_matrix(p_mat):
 
 
 def test_step_is_the_exact_minimizer_in_span_of_d_and_p():
-  outputs_fn, value_fn, hess, rng = _linear_problem()
+  outputs_fn, value_fn, hess, rng = linear_problem()
   r = rng.normal(size=(12, 12))
   tx = eva_optax.adaptive(_scale_by_matrix(r @ r.T + np.eye(12)), "mse",
                           initial_damping=0.05, adapt_every=None)
@@ -163,7 +132,7 @@ def test_step_is_the_exact_minimizer_in_span_of_d_and_p():
 
 
 def test_sign_and_scale_of_the_direction_do_not_matter():
-  outputs_fn, value_fn, _, rng = _linear_problem()
+  outputs_fn, value_fn, _, rng = linear_problem()
   params = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}
   results = []
   for direction in (optax.identity(), optax.scale(-3.0)):
@@ -185,14 +154,14 @@ def test_sign_and_scale_of_the_direction_do_not_matter():
 def test_levenberg_marquardt_rule(rho, expected):
   omega = 0.95 ** 5
   lam = jnp.float32(1e-2)
-  new = float(adaptive_lib.levenberg_marquardt(lam, jnp.float32(rho), omega, 0.25,
+  new = float(quadratic_model.levenberg_marquardt(lam, jnp.float32(rho), omega, 0.25,
                                                0.75, 1e-8, 1e4))
   want = {"up": 1e-2 / omega, "same": 1e-2, "down": 1e-2 * omega}[expected]
   assert new == pytest.approx(want, rel=1e-6)
 
 
 def test_levenberg_marquardt_bounds():
-  lm = adaptive_lib.levenberg_marquardt
+  lm = quadratic_model.levenberg_marquardt
   assert float(lm(jnp.float32(1.0), jnp.float32(0.0), 0.5, 0.25, 0.75, 0.1, 1.5)) == 1.5
   assert float(lm(jnp.float32(0.15), jnp.float32(1.0), 0.5, 0.25, 0.75, 0.1, 1.5)) == \
       pytest.approx(0.1)
@@ -202,7 +171,7 @@ def test_damping_follows_rho_on_adaptation_steps():
   """Exact quadratic, exact model: rho = 1, so lambda falls by omega every
   ``adapt_every`` steps. An understated loss_scale makes the model promise too
   much: rho < 1/4 and lambda rises (or the step is rejected if the loss rose)."""
-  outputs_fn, value_fn, _, rng = _linear_problem()
+  outputs_fn, value_fn, _, rng = linear_problem()
   params0 = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}
   omega = 0.9 ** 3
 
@@ -245,7 +214,7 @@ def _one_step(tx, params, grads, outputs_fn, value_fn):
 
 
 def test_safe_step_for_nonfinite_gradient():
-  outputs_fn, value_fn, _, rng = _linear_problem()
+  outputs_fn, value_fn, _, rng = linear_problem()
   params = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}
   grads = {"w": jnp.full((4, 3), jnp.nan, jnp.float32)}
   u, s = _one_step(eva_optax.adaptive(optax.identity(), "mse"), params, grads,
@@ -255,7 +224,7 @@ def test_safe_step_for_nonfinite_gradient():
 
 
 def test_safe_step_for_nonfinite_curvature():
-  _, value_fn, _, rng = _linear_problem()
+  _, value_fn, _, rng = linear_problem()
   params = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}
   grads = jax.grad(value_fn)(params)
   bad_outputs = lambda p: jnp.sqrt(p["w"] - 100.0)   # NaN outputs and tangents
@@ -265,7 +234,7 @@ def test_safe_step_for_nonfinite_curvature():
 
 
 def test_safe_step_for_negative_curvature_and_zero_gradient():
-  outputs_fn, value_fn, _, rng = _linear_problem()
+  outputs_fn, value_fn, _, rng = linear_problem()
   params = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}
   grads = jax.grad(value_fn)(params)
   concave = lambda o: -jnp.mean(o ** 2)   # H < 0: d^T C d < 0
@@ -279,7 +248,7 @@ def test_safe_step_for_negative_curvature_and_zero_gradient():
 
 
 def test_rising_loss_is_rejected_and_counted():
-  outputs_fn, value_fn, _, rng = _linear_problem()
+  outputs_fn, value_fn, _, rng = linear_problem()
   params = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}
   grads = jax.grad(value_fn)(params)
   # Curvature understated 100x: the step overshoots and the loss rises.
@@ -315,192 +284,3 @@ def test_parallel_directions_fall_back_to_the_1d_step():
   assert float(params["w"][0]) == pytest.approx(2.0, rel=1e-4)
   # Step 1 had p = 0 (not a failure); after the exact first step g = 0 (q = 0).
   assert int(state.curvature_count) >= 1 and np.isfinite(float(params["w"][0]))
-
-
-# ----------------------------------------------------------------------------
-# The optax contract: jit without recompilation, chain, inject_hyperparams,
-# every preconditioner of the library as the direction.
-
-
-def _mlp_setup(batch=16):
-  model, params, x, _ = _problem(batch=batch)
-  teacher = model.init(jax.random.PRNGKey(7), x)["params"]
-  t = 3.0 * model.apply({"params": teacher}, x)   # a learnable target
-  loss_fn = lambda p, xb: jnp.mean((model.apply({"params": p}, xb) - t) ** 2)
-  return model, params, x, loss_fn
-
-
-def _make_step(tx, model, loss_fn, statistics=None):
-  grad_fn = (eva_optax.value_and_grad(loss_fn, statistics=statistics)
-             if statistics else jax.value_and_grad(loss_fn))
-
-  @jax.jit
-  def step(params, state, x):
-    if statistics:
-      loss, g, stats = grad_fn(params, x)
-      extra = {"stats": stats}
-    else:
-      (loss, g), extra = grad_fn(params, x), {}
-    u, state = tx.update(g, state, params,
-                         outputs_fn=lambda p: model.apply({"params": p}, x),
-                         value_fn=lambda p: loss_fn(p, x), value=loss, **extra)
-    return optax.apply_updates(params, u), state, loss
-
-  return step
-
-
-def test_jit_without_recompilation_and_state_is_stable():
-  model, params, x, loss_fn = _mlp_setup()
-  tx = eva_optax.adaptive(optax.identity(), "mse")
-  step = _make_step(tx, model, loss_fn)
-  state = tx.init(params)
-  params, state, _ = step(params, state, x)
-  before = jax.tree.map(lambda a: (a.shape, a.dtype), state)
-  with test_utils.log_compilations() as logs:
-    for _ in range(6):   # through an adaptation step and back
-      params, state, _ = step(params, state, x)
-  assert not logs, "adaptive recompiles on later calls to update"
-  assert jax.tree.map(lambda a: (a.shape, a.dtype), state) == before
-
-
-def test_inside_optax_chain_and_direction_chain():
-  model, params, x, loss_fn = _mlp_setup()
-  outs = []
-  for tx in (eva_optax.adaptive(optax.identity(), "mse"),
-             optax.chain(optax.clip_by_global_norm(1e6),
-                         eva_optax.adaptive(optax.chain(optax.identity(),
-                                                        optax.scale(-2.0)), "mse"))):
-    step = _make_step(tx, model, loss_fn)
-    p, s = params, tx.init(params)
-    for _ in range(4):
-      p, s, _ = step(p, s, x)
-    outs.append(p)
-  test_utils.assert_trees_all_close(outs[0], outs[1], rtol=1e-4, atol=1e-6)
-
-
-def test_under_inject_hyperparams():
-  model, params, x, loss_fn = _mlp_setup()
-  tx = optax.inject_hyperparams(eva_optax.adaptive, static_args=("adapt_every",))(
-      optax.identity(), "mse", initial_damping=1.0, max_damping=1.0,
-      adapt_every=1)
-  step = _make_step(tx, model, loss_fn)
-  state = tx.init(params)
-  assert float(state.inner_state.damping) == 1.0
-  # Injected values are read at every step: pin lambda by its bounds.
-  state.hyperparams["min_damping"] = jnp.asarray(3.0, jnp.float32)
-  state.hyperparams["max_damping"] = jnp.asarray(3.0, jnp.float32)
-  params, state, loss = step(params, state, x)
-  assert np.isfinite(float(loss))
-  assert float(state.inner_state.damping) == pytest.approx(3.0)
-
-
-def _injected_scale():
-  """A direction with a ``damping`` hyperparameter: ``d = g / damping``."""
-  return optax.inject_hyperparams(lambda damping: optax.scale(1.0 / damping))(
-      damping=0.03)
-
-
-def test_direction_damping_follows_lambda():
-  outputs_fn, value_fn, _, rng = _linear_problem()
-  params0 = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32)}
-  # ("auto" = 0.5 with an injected damping: test_preconditioner_as_direction.)
-  for couple, exponent in ((0.5, 0.5), (1.0, 1.0), (None, 0.0)):
-    tx = eva_optax.adaptive(_injected_scale(), "mse", initial_damping=1e-2,
-                            adapt_every=1, couple_damping=couple)
-    p, s = params0, tx.init(params0)
-    update = jax.jit(lambda g, s, p, loss, tx=tx: tx.update(
-        g, s, p, outputs_fn=outputs_fn, value_fn=value_fn, value=loss))
-    for _ in range(3):
-      loss, g = jax.value_and_grad(value_fn)(p)
-      u, s = update(g, s, p, loss)
-      p = optax.apply_updates(p, u)
-    lam = float(s.damping)
-    assert lam == pytest.approx(1e-2 * (0.95 ** 1) ** 3, rel=1e-5)   # rho = 1
-    gamma = float(s.inner_state.hyperparams["damping"])
-    assert gamma == pytest.approx(0.03 * (lam / 1e-2) ** exponent, rel=1e-5)
-  with pytest.raises(ValueError, match="inject_hyperparams"):
-    eva_optax.adaptive(optax.scale(2.0), "mse", couple_damping=1.0).init(params0)
-  eva_optax.adaptive(optax.scale(2.0), "mse").init(params0)   # "auto": none
-
-
-def test_preconditioner_as_direction():
-  """A layer-wise preconditioner (FOOF: statistics, inverse refresh) as the
-  direction, its damping injected so that it follows lambda ("auto": e = 0.5).
-  The other preconditioners go through the same code path (a direction is any
-  optax transformation); benchmarks/time_to_quality.py runs all six."""
-  model, params, x, loss_fn = _mlp_setup(batch=32)
-  direction = optax.inject_hyperparams(
-      eva_optax.scale_by_foof, static_args=("inverse_every",))(
-          damping=0.03, inverse_every=2)
-  tx = eva_optax.adaptive(direction, "mse")
-  step = _make_step(tx, model, loss_fn, statistics="factors")
-  state = tx.init(params)
-  first = float(loss_fn(params, x))
-  for _ in range(6):
-    params, state, _ = step(params, state, x)
-  assert float(loss_fn(params, x)) < 0.3 * first
-  assert int(state.nonfinite_count) == 0 and int(state.rejected_count) == 0
-  gamma = float(state.inner_state.hyperparams["damping"])
-  assert gamma == pytest.approx(0.03 * np.sqrt(float(state.damping) / 1e-3),
-                                rel=1e-4)
-
-
-def test_errors_name_the_argument():
-  model, params, x, loss_fn = _mlp_setup()
-  tx = eva_optax.adaptive(optax.identity(), "mse")
-  state = tx.init(params)
-  g = jax.grad(loss_fn)(params, x)
-  with pytest.raises(ValueError, match="outputs_fn"):
-    tx.update(g, state, params, value_fn=lambda p: loss_fn(p, x))
-  with pytest.raises(ValueError, match="value_fn"):
-    tx.update(g, state, params, outputs_fn=lambda p: model.apply({"params": p}, x))
-  with pytest.raises(ValueError, match="params"):
-    tx.update(g, state, None)
-  with pytest.raises(ValueError, match="loss must be one of"):
-    eva_optax.adaptive(optax.identity(), "cross_entropy")
-  with pytest.raises(ValueError, match="initial_damping"):
-    eva_optax.adaptive(optax.identity(), "mse", initial_damping=0.0)
-  with pytest.raises(ValueError, match="lower_threshold < upper_threshold"):
-    eva_optax.adaptive(optax.identity(), "mse", lower_threshold=0.8)
-  with pytest.raises(TypeError, match="direction"):
-    eva_optax.adaptive(eva_optax.scale_by_foof, "mse")
-
-
-# ----------------------------------------------------------------------------
-# The time-to-quality benchmark's smoke test (benchmarks/time_to_quality.py).
-
-
-# XLA flags that cut the compile time of the smoke test ~2x (it checks the
-# script's plumbing, not its speed).
-FAST_COMPILE = ("--xla_backend_optimization_level=0 "
-                "--xla_cpu_use_fusion_emitters=false "
-                "--xla_cpu_parallel_codegen_split_count=1")
-
-
-def test_time_to_quality_quick(tmp_path):
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " "
-                                    + FAST_COMPILE).strip())
-  subprocess.run([sys.executable, os.path.join(root, "benchmarks",
-                                               "time_to_quality.py"),
-                  "--quick", "--out", str(tmp_path)],
-                 check=True, env=env, cwd=root, capture_output=True)
-  with open(tmp_path / "time_to_quality.json") as f:
-    saved = json.load(f)
-  assert list(saved["runs"]) == ["sgd", "gradient+adaptive"]
-  for run in saved["runs"].values():
-    assert [e["epoch"] for e in run["evals"]] == [0.5, 1.0]
-    assert all(0.0 < e["test_mse"] < 1.0 for e in run["evals"])
-    assert run["step_ratio_vs_sgd"] > 0 and run["train_seconds"] > 0
-  adaptive = saved["runs"]["gradient+adaptive"]["adaptive"]
-  assert adaptive["nonfinite_count"] == 0 and adaptive["final_damping"] > 0
-  assert len(saved["provenance"]["git"]["commit"]) == 40
-  assert "| gradient + adaptive | adaptive |" in saved["table"]
-  sys.path.insert(0, os.path.join(root, "benchmarks"))
-  import time_to_quality  # pylint: disable=g-import-not-at-top
-  assert saved["table"] == time_to_quality.markdown_table(saved)
-  assert os.path.getsize(tmp_path / "time_to_quality.png") > 1000

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from eva_optax._src import counters
 from eva_optax._src import quadratic_model
 from eva_optax._src import validation
 
@@ -75,56 +76,6 @@ def _scale_direction_damping(tree: Any, factor: Array) -> Any:
     return x._replace(hyperparams={**x.hyperparams, "damping": new})
 
   return jax.tree.map(scale, tree, is_leaf=is_inject)
-
-
-def _all_finite(*trees: Any) -> Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for t in trees for x in jax.tree.leaves(t)]
-  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-
-
-def _zeros_unless(ok: Array, tree: Any) -> Any:
-  return jax.tree.map(lambda x: jnp.where(ok, x, jnp.zeros_like(x)), tree)
-
-
-def solve_two_by_two(m: Array, b: Array, has_p: Array,
-                     rcond: float = 1e-6) -> tuple[Array, Array, Array]:
-  """Minimizes ``c^T b + 1/2 c^T M c`` over ``c = (alpha, mu)``.
-
-  The 2x2 solve ``c = -M^{-1} b`` when ``has_p`` and ``M`` is safely positive
-  definite (``det M > rcond M_00 M_11``), otherwise the 1-D solve along the
-  first direction, ``c = (-b_0 / M_00, 0)`` (the first step, where ``p = 0``,
-  or ``d`` parallel to ``p``), otherwise zeros.
-
-  Returns:
-    ``(c, ok1, ok2)``: the coefficients and whether the 1-D and 2-D solves
-    were usable.
-  """
-  m00, m01, m11 = m[0, 0], 0.5 * (m[0, 1] + m[1, 0]), m[1, 1]
-  det = m00 * m11 - m01 * m01
-  finite = jnp.all(jnp.isfinite(m)) & jnp.all(jnp.isfinite(b))
-  ok1 = finite & (m00 > 0)
-  ok2 = ok1 & has_p & (m11 > 0) & (det > rcond * m00 * m11)
-  safe_det = jnp.where(ok2, det, 1.0)
-  c2 = jnp.stack([-(m11 * b[0] - m01 * b[1]), -(m00 * b[1] - m01 * b[0])]) / safe_det
-  c1 = jnp.stack([-b[0] / jnp.where(ok1, m00, 1.0), jnp.zeros_like(b[0])])
-  ok2 = ok2 & jnp.all(jnp.isfinite(c2))
-  c = jnp.where(ok2, c2, jnp.where(ok1, c1, jnp.zeros_like(c1)))
-  return c, ok1, ok2
-
-
-def levenberg_marquardt(damping: Array, rho: Array, factor: Any,
-                        lower: Any, upper: Any, minimum: Any,
-                        maximum: Any) -> Array:
-  """One Levenberg-Marquardt move of ``lambda`` on the reduction ratio ``rho``.
-
-  ``lambda / factor`` if ``rho < lower`` (or ``rho`` is not finite: the model
-  was not trusted), ``lambda * factor`` if ``rho > upper``, unchanged in
-  between; then clipped to ``[minimum, maximum]``. ``factor < 1``.
-  """
-  raise_it = ~(rho >= lower)
-  lower_it = rho > upper
-  move = jnp.where(raise_it, 1.0 / factor, jnp.where(lower_it, factor, 1.0))
-  return jnp.clip(damping * move, minimum, maximum).astype(damping.dtype)
 
 
 def adaptive(
@@ -368,18 +319,18 @@ def adaptive(
     vectors = [d, p]
 
     with jax.named_scope("adaptive_quadratic_model"):
-      inputs_finite = _all_finite(g, d, p)
+      inputs_finite = counters.all_finite((g, d, p))
       # Non-finite inputs would poison the products: model zeros instead.
-      safe = [_zeros_unless(inputs_finite, v) for v in vectors]
+      safe = [counters.zeros_unless(inputs_finite, v) for v in vectors]
       cmat = quadratic_model.curvature_gram(outputs_fn, params, safe, loss,
                                             loss_scale)
       dmat = quadratic_model.gram_of_vectors(safe)
-      b = quadratic_model.gram_of_vectors(safe, _zeros_unless(inputs_finite, g))
+      b = quadratic_model.gram_of_vectors(safe, counters.zeros_unless(inputs_finite, g))
       cmat, dmat, b = (x.astype(jnp.float32) for x in (cmat, dmat, b))
-      model_finite = inputs_finite & _all_finite(cmat, dmat, b)
+      model_finite = inputs_finite & counters.all_finite((cmat, dmat, b))
       m = cmat + lam * dmat
       has_p = dmat[1, 1] > 0
-      c, ok1, ok2 = solve_two_by_two(m, b, has_p)
+      c, ok1, ok2 = quadratic_model.solve_two_by_two(m, b, has_p)
       q = 0.5 * c @ m @ c + b @ c
       positive = cmat[0, 0] > 0
       step_ok = model_finite & positive & ok1 & (q < 0) & jnp.isfinite(q)
@@ -413,12 +364,12 @@ def adaptive(
         rose = due & ~(new <= old)
         rho_now = jnp.where(jnp.isfinite(new), (new - old) / q_rho, -jnp.inf)
         factor = jnp.asarray(damping_decay, jnp.float32) ** adapt_every
-        moved = levenberg_marquardt(lam, rho_now, factor, lower_threshold,
+        moved = quadratic_model.levenberg_marquardt(lam, rho_now, factor, lower_threshold,
                                     upper_threshold, min_damping, max_damping)
         new_lam = jnp.where(due, moved, lam)
         rho = jnp.where(due, rho_now, state.rho).astype(jnp.float32)
         rejected = rose if reject_rising else jnp.asarray(False)
-      u = _zeros_unless(~rejected, u)
+      u = counters.zeros_unless(~rejected, u)
 
     exponent = coupling(inner_state)
     if exponent is not None:

@@ -16,15 +16,13 @@ initialisation), MSE averaged over batch and pixels, batch 1000, the full
   around the plain gradient (``gradient+adaptive``): step size, momentum and
   damping from the exact quadratic model; no learning rate to tune.
 
-Columns: test MSE at each epoch, training seconds (compilation and evaluation
-excluded), the step time relative to an SGD step (measured in this process,
-right after the row's training, in rounds interleaved with SGD steps), and the time and epoch at which each row
-first reaches 0.0107 (kfac-jax adaptive K-FAC after 3 epochs, issue 10) and
-Adam's final test MSE. Writes ``time_to_quality.json`` (with the commit, the
-command line and the versions) and ``time_to_quality.png``.
+Columns: test MSE per epoch, training seconds (no compilation or evaluation),
+the step time relative to an SGD step (this process, right after the row's
+training, interleaved), and when each row first reaches 0.0107 (kfac-jax
+adaptive K-FAC, 3 epochs) and Adam's final MSE. Writes ``time_to_quality.json``
+(with provenance) and ``time_to_quality.png``.
 
     python benchmarks/time_to_quality.py                       # 3 epochs, all rows
-    python benchmarks/time_to_quality.py --rows sgd,foof+adaptive --epochs 1
     python benchmarks/time_to_quality.py --quick                # smoke test
 """
 
@@ -46,17 +44,13 @@ import optax
 import eva_optax
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
+sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "examples")]
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import datasets
-from harness import provenance
-from harness import records
-from harness import style
+from benchlib import ttq_cli
+from benchlib.ttq_report import REFRESH, make_record, markdown_table, write  # pylint: disable=unused-import
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-TARGET = 0.0107  # kfac-jax adaptive K-FAC, 3 epochs (issue 10)
-KFAC_JAX_ADAPTIVE = (0.0244, 0.0139, 0.0107)  # its test MSE after epochs 1, 2, 3
 PRECONDITIONERS = ("eva", "eva_f", "eva_s", "kfac", "foof", "shampoo")
 FIXED = ("sgd", "adam") + PRECONDITIONERS
 ADAPTIVE = ("gradient",) + PRECONDITIONERS
@@ -66,7 +60,6 @@ STATISTICS = {"eva": "vectors", "eva_f": "vectors", "kfac": "factors",
 # Sweep centres: what the 20-epoch sweep of examples/autoencoder.py chose.
 LR_CENTERS = {"sgd": 0.6, "adam": 0.000557, "eva": 0.18, "eva_f": 0.54,
               "eva_s": 1.62, "kfac": 0.54, "foof": 1.62, "shampoo": 1.62}
-REFRESH = {"kfac": 10, "foof": 10, "shampoo": 10}  # inverse_every
 SIZES = (1000, 500, 250, 30, 250, 500, 1000)
 QUICK_SIZES = (64, 32, 8, 32, 64)  # --quick: a small model, fast to compile
 
@@ -350,209 +343,13 @@ def step_ratio(run, reference, rounds: int, steps: int, setup: Setup) -> float:
   return float(np.median(r))
 
 
-# ----------------------------------------------------------------------------
-# The record: reach times, table, JSON (with provenance) and figure.
-
-LABELS = {"sgd": "SGD", "adam": "Adam", "eva": "Eva", "eva_f": "Eva-f",
-          "eva_s": "Eva-s", "kfac": "K-FAC", "foof": "FOOF",
-          "shampoo": "Shampoo", "gradient": "gradient"}
-def label(row: str) -> str:
-  name, _, mode = row.partition("+")
-  return LABELS[name] + (" + adaptive" if mode else "")
-
-
-def reach(rec: dict[str, Any], target: float) -> dict[str, float] | None:
-  """The first evaluation at or below ``target``: its epoch and training seconds."""
-  for e in rec["evals"]:
-    if e["test_mse"] <= target:
-      return {"epoch": e["epoch"], "seconds": e["train_seconds"]}
-  return None
-
-
-def _fmt_reach(r):
-  return "not reached" if r is None else f"{r['epoch']:g} ({r['seconds']:.0f} s)"
-
-
-def markdown_table(record: dict[str, Any]) -> str:
-  """The README table of a record (a pure function of the JSON)."""
-  runs, adam_final = record["runs"], record["adam_final"]
-  epochs = record["config"]["epochs"]
-  cols = [f"epoch {k}" for k in range(1, epochs + 1)]
-  head = (["optimizer", "lr"] + [f"test MSE, {c}" for c in cols]
-          + ["train s", "step / SGD", f"reaches {TARGET}: epoch (s)"])
-  if adam_final is not None:
-    head.append(f"reaches Adam's {adam_final:.4f}: epoch (s)")
-  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-  for row, rec in runs.items():
-    by_epoch = {e["epoch"]: e["test_mse"] for e in rec["evals"]}
-    mses = [f"{by_epoch[k]:.4f}" if k in by_epoch else "-"
-            for k in range(1, epochs + 1)]
-    lr = "adaptive" if "+" in row else f"{rec['learning_rate']:.3g}"
-    cells = ([label(row), lr] + mses
-             + [f"{rec['train_seconds']:.0f}",
-                "-" if rec["step_ratio_vs_sgd"] is None
-                else f"{rec['step_ratio_vs_sgd']:.2f}x",
-                _fmt_reach(rec["reach"]["target"])])
-    if adam_final is not None:
-      cells.append(_fmt_reach(rec["reach"]["adam"]))
-    lines.append("| " + " | ".join(cells) + " |")
-  ref = " / ".join(f"{v:.4f}" for v in KFAC_JAX_ADAPTIVE)
-  lines.append("")
-  lines.append(f"kfac-jax adaptive K-FAC (issue 10, for reference), test MSE "
-               f"after epochs 1 / 2 / 3: {ref}, at 3.6-6x an SGD step.")
-  return "\n".join(lines)
-
-
-def make_record(runs, sweeps, args, setup: Setup, argv) -> dict[str, Any]:
-  adam = runs.get("adam")
-  adam_final = adam["evals"][-1]["test_mse"] if adam else None
-  for rec in runs.values():
-    rec["label"] = label(rec["row"])
-    rec["reach"] = {"target": reach(rec, TARGET),
-                    "adam": reach(rec, adam_final) if adam_final else None}
-  config = {k: v for k, v in vars(args).items() if k not in ("out",)}
-  config.update(model="784-" + "-".join(map(str, MODEL.sizes)) + "-784",
-                batch=setup.batch, train_images=int(setup.x_train.shape[0]),
-                test_images=int(setup.x_test.shape[0]),
-                steps_per_epoch=setup.steps_per_epoch,
-                fixed_rows={"momentum": 0.9, "schedule": "linear decay to 0",
-                            "inverse_every": REFRESH},
-                loss="MSE averaged over batch x 784, pixels in [0, 1]")
-  record = {"benchmark": "time_to_quality",
-            "provenance": provenance.collect(
-                None if argv is None else [__file__] + list(argv)),
-            "config": config, "target": TARGET, "adam_final": adam_final,
-            "kfac_jax_adaptive": {f"epoch {k + 1}": v
-                                  for k, v in enumerate(KFAC_JAX_ADAPTIVE)},
-            "sweeps": sweeps, "runs": runs}
-  record["table"] = markdown_table(record)
-  return record
-
-
-def plot(record: dict[str, Any], path: str) -> str:
-  """Test MSE against epoch and against training seconds (log scale)."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-  for row, rec in record["runs"].items():
-    _, _, mode = row.partition("+")
-    # The gradient direction + adaptive is drawn in SGD's colour, dashed.
-    kw = dict(style.of(row.replace("gradient", "sgd")), markersize=4,
-              label=rec["label"],
-              linewidth=1.6 if mode else 1.0)
-    ev = rec["evals"]
-    axes[0].plot([e["epoch"] for e in ev], [e["test_mse"] for e in ev], **kw)
-    axes[1].plot([e["train_seconds"] for e in ev], [e["test_mse"] for e in ev], **kw)
-  ref = KFAC_JAX_ADAPTIVE[:record["config"]["epochs"]]
-  axes[0].plot(range(1, len(ref) + 1), ref, "kx", markersize=8,
-               label="kfac-jax adaptive K-FAC (issue 10)")
-  sgd = record["runs"].get("sgd")
-  for ax in axes:
-    ax.axhline(TARGET, color="k", linewidth=0.8, linestyle="-.",
-               label=f"{TARGET} (kfac-jax adaptive, 3 epochs)")
-    if sgd:
-      style.target_line(ax, sgd["evals"][-1]["test_mse"], "SGD's final MSE")
-    ax.set_yscale("log")
-    ax.set_ylabel("test MSE (10,000 images)")
-    ax.grid(True, alpha=0.3)
-  axes[0].set_xlabel("epoch")
-  style.integer_ticks(axes[0].xaxis)
-  axes[1].set_xlabel("training seconds (compilation and evaluation excluded)")
-  axes[0].legend(fontsize=7, ncol=2)
-  c = record["config"]
-  fig.suptitle(f"Fashion-MNIST deep autoencoder, {c['train_images']} images, "
-               f"batch {c['batch']}, {c['epochs']} epochs: time to quality "
-               "(dashed: adaptive)", fontsize=10)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
-
-
-def write(record: dict[str, Any], out: str) -> list[str]:
-  path = records.write_json(os.path.join(out, "time_to_quality.json"), record)
-  return [path, plot(record, os.path.join(out, "time_to_quality.png"))]
-
-
-def _coupling(text: str) -> float | str | None:
-  """``--couple-damping``: a number, ``auto`` or ``none``."""
-  low = text.lower()
-  if low == "auto":
-    return "auto"
-  return None if low == "none" else float(text)
-
-
 def parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-      description=__doc__.split("\n")[0],
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  p.add_argument("--epochs", type=int, default=3, help="epochs per row")
-  p.add_argument("--rows", default=",".join(ALL_ROWS),
-                 help="comma-separated rows, from: " + ",".join(ALL_ROWS))
-  p.add_argument("--quick", action="store_true",
-                 help="smoke test: 2,000 training and 2,000 test images, "
-                 "a small autoencoder (784-64-32-8-32-64-784), 1 epoch, "
-                 "rows sgd,gradient+adaptive, no sweep")
-  p.add_argument("--no-sweep", action="store_true",
-                 help="use the sweep centres (or --lr) instead of sweeping")
-  p.add_argument("--lr", action="append", default=[], metavar="ROW=LR",
-                 help="fixed learning rate for a row (skips its sweep)")
-  p.add_argument("--initial-damping", type=float, default=1e-3,
-                 help="adaptive: initial lambda of the quadratic model")
-  p.add_argument("--adapt-every", type=int, default=5,
-                 help="adaptive: Levenberg-Marquardt update every this many steps")
-  p.add_argument("--couple-damping", type=_coupling, default="auto",
-                 help="adaptive: exponent e of the direction's damping coupling, "
-                 "gamma ~ lambda^e ('auto': 0.5; 'none': gamma stays at "
-                 "--direction-damping)")
-  p.add_argument("--direction-damping", type=float, default=0.03,
-                 help="adaptive: the direction's own damping gamma")
-  p.add_argument("--inverse-every", type=int, default=10,
-                 help="adaptive K-FAC, FOOF, Shampoo: inverse refresh interval")
-  p.add_argument("--curvature-batch", type=int, default=1000,
-                 help="adaptive: examples of the batch the curvature products "
-                 "use (the first ones)")
-  p.add_argument("--sweep-steps", type=int, default=20,
-                 help="steps of each sweep run (the run's schedule, from step 0)")
-  p.add_argument("--stats-every", type=int, default=1,
-                 help="adaptive K-FAC and FOOF: capture their factors every this "
-                 "many steps (plain gradients in between)")
-  p.add_argument("--ratio-rounds", type=int, default=3,
-                 help="interleaved rounds for the step-time ratios")
-  p.add_argument("--ratio-steps", type=int, default=10,
-                 help="steps per round for the step-time ratios")
-  p.add_argument("--no-reference", action="store_true",
-                 help="do not time an SGD step for the step-time ratios "
-                 "(experiments; no ratios then)")
-  p.add_argument("--seed", type=int, default=0, help="init and data order")
-  p.add_argument("--out", default=None,
-                 help="directory for time_to_quality.{json,png} (default: "
-                 "benchmarks/results, or results/time_to_quality_quick with "
-                 "--quick)")
-  p.add_argument("--data-dir", default=None,
-                 help="Fashion-MNIST directory (default: the usual places)")
-  return p
+  """The command line (every flag with its help and default)."""
+  return ttq_cli.parser(__doc__.split("\n")[0], ALL_ROWS)
 
 
 def parse_args(argv=None):
-  p = parser()
-  args = p.parse_args(argv)
-  if args.quick:
-    args.epochs = 1
-    if args.rows == p.get_default("rows"):
-      args.rows = "sgd,gradient+adaptive"
-    args.no_sweep = True
-    args.ratio_rounds, args.ratio_steps = 1, 2
-  if args.out is None:
-    args.out = (os.path.join("results", "time_to_quality_quick") if args.quick
-                else os.path.join(HERE, "results"))
-  args.rows = [r for r in args.rows.split(",") if r]
-  for r in args.rows:
-    if r not in ALL_ROWS:
-      p.error(f"unknown row {r!r}; choose from {','.join(ALL_ROWS)}")
-  args.lr = {k: float(v) for k, v in (s.split("=") for s in args.lr)}
-  return args
+  return ttq_cli.parse_args(parser(), argv, ALL_ROWS, os.path.join(HERE, "results"))
 
 
 def main(argv=None) -> dict[str, Any]:
@@ -591,7 +388,8 @@ def main(argv=None) -> dict[str, Any]:
     rec.pop("_run", None)
     runs[row] = rec
     # Written after every row: a long run that is stopped keeps its rows.
-    record = make_record(runs, sweeps, args, setup, argv)
+    record = make_record(runs, sweeps, args, setup, argv,
+                         model_sizes=MODEL.sizes, script=__file__)
     paths = write(record, args.out)
   print(record["table"])
   print("Wrote " + ", ".join(paths))

@@ -168,7 +168,7 @@ def test_nnx_optimizer_updates_equal_linen_and_run_three_steps(name):
       assert err < (2e-3 if name in ("foof", "shampoo") else 5e-4), (name, layer, leaf, err)
   for _ in range(2):
     losses.append(step(model, optimizer, ids, labels))
-  assert int(optimizer.step.value) == 3
+  assert int(optimizer.step[...]) == 3
   assert np.all(np.isfinite(losses)), losses
   for leaf in jax.tree.leaves(_pure(nnx.state(model, nnx.Param))):
     assert np.all(np.isfinite(leaf))
@@ -214,7 +214,7 @@ class Unrolled(nnx.Module):
         for leaf in ("kernel", "bias"):
           var = getattr(getattr(block, layer), leaf, None)
           if var is not None:
-            var.value = getattr(getattr(stacked.blocks, layer), leaf).value[i]
+            var[...] = getattr(getattr(stacked.blocks, layer), leaf)[...][i]
       setattr(self, f"block_{i}", block)
 
   def __call__(self, x):
@@ -244,8 +244,8 @@ def test_stacked_nnx_statistics_equal_the_unrolled_model():
         np.testing.assert_allclose(np.asarray(getattr(st, key))[i], want, rtol=2e-5,
                                    atol=1e-6 * np.abs(want).max(),
                                    err_msg=f"{layer}.{key} slice {i}")
-      np.testing.assert_allclose(np.asarray(grads["blocks"][layer]["kernel"].value)[i],
-                                 u_grads[f"block_{i}"][layer]["kernel"].value,
+      np.testing.assert_allclose(np.asarray(grads["blocks"][layer]["kernel"][...])[i],
+                                 u_grads[f"block_{i}"][layer]["kernel"][...],
                                  rtol=2e-5, atol=1e-7)
   assert f"{STACK} x ({F}, {F})" in eva_optax.describe(stats, nnx.state(stacked, nnx.Param))
 
@@ -277,7 +277,7 @@ def test_bridge_to_nnx_works_or_raises_a_clear_error():
     assert "ToNNX" in str(e) or "bridge" in str(e), f"unclear error: {e}"
     return
   _, plain = nnx.value_and_grad(loss)(model, x)
-  np.testing.assert_allclose(grads["inner"]["kernel"].value, plain["inner"]["kernel"].value,
+  np.testing.assert_allclose(grads["inner"]["kernel"][...], plain["inner"]["kernel"][...],
                              rtol=1e-6)
   assert stats["out"].captured
   st = stats["inner"]

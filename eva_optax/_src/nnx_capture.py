@@ -244,7 +244,7 @@ def _split_probes(grads) -> tuple[Any, dict]:
   """``(grads without the probes, {layer path: probe gradient})``."""
   probes, rest = nnx.split_state(grads, Probe, ...)
   found = {tuple(str(k) for k in path[:-1]): var.get_value()
-           for path, var in probes.flat_state()}
+           for path, var in nnx.to_flat_state(probes)}
   return rest, found
 
 

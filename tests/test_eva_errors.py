@@ -9,15 +9,12 @@ import pytest
 import eva_optax
 from conftest import MLP
 from conftest import mse_loss
-from conftest import regression_batch
 
 
 @pytest.fixture
-def mlp_grads():
-  model = MLP()
-  x, y = regression_batch()
-  params = model.init(jax.random.PRNGKey(0), x)["params"]
-  _, grads, stats = eva_optax.value_and_grad(mse_loss(model))(params, x, y)
+def mlp_grads(mlp_problem):
+  model, params, loss, x, y = mlp_problem
+  _, grads, stats = eva_optax.value_and_grad(loss)(params, x, y)
   return model, params, grads, stats, x, y
 
 

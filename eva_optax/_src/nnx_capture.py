@@ -91,15 +91,17 @@ def _wrap(base: type, method: str) -> Callable:
   return wrapper
 
 
-_CAPTURED = (nnx.Linear, nnx.LinearGeneral, nnx.Conv, nnx.Embed, nnx.Einsum)
+# The wrapped methods; their classes (and subclasses) are the captured layers.
+_METHODS = ((nnx.Linear, "__call__"), (nnx.LinearGeneral, "__call__"),
+            (nnx.Conv, "__call__"), (nnx.Embed, "__call__"),
+            (nnx.Embed, "attend"), (nnx.Einsum, "__call__"))
+_CAPTURED = tuple(dict.fromkeys(base for base, _ in _METHODS))
 
 
 def install() -> None:
   """Wraps the captured NNX layer methods (once; idempotent, thread safe)."""
   with _LOCK:
-    for base, method in ((nnx.Linear, "__call__"), (nnx.LinearGeneral, "__call__"),
-                         (nnx.Conv, "__call__"), (nnx.Embed, "__call__"),
-                         (nnx.Embed, "attend"), (nnx.Einsum, "__call__")):
+    for base, method in _METHODS:
       if (base, method) not in _WRAPPERS:
         wrapper = _wrap(base, method)
         _WRAPPERS[(base, method)] = wrapper

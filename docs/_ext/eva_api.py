@@ -36,10 +36,11 @@ PACKAGE = "eva_optax"
 # Section titles and order for the known source modules (others follow, titled from their
 # module docstring).
 TOPICS = {
-    "capture": "Gradients and layer statistics",
+    "linen": "Gradients and layer statistics",
     "statistics": "Gradients and layer statistics",
     "describe": "Gradients and layer statistics",
     "eva": "Eva and Eva-f",
+    "eva_f": "Eva and Eva-f",
     "eva_s": "Eva-s",
     "kfac": "K-FAC",
     "foof": "FOOF",
@@ -70,7 +71,7 @@ def public_names() -> dict[str, Any]:
 def _source_module(name: str, obj: Any) -> tuple[str, str]:
   """``(module, attribute)`` that defines ``obj`` (``("eva", "eva")`` for ``eva_optax.eva``).
 
-  ``module`` is the file's name in ``eva_optax._src``. A constant carries no
+  ``module`` is the file's name in ``eva_optax._src`` (in any of its folders). A constant carries no
   ``__module__``: its module is the one whose top level assigns it (it may be
   re-exported under another name, as ``ADAPTIVE_LOSSES`` is).
   """
@@ -100,25 +101,27 @@ def _assigned_names(module: Any) -> list[str]:
 
 
 def _src_modules() -> dict[str, Any]:
+  """``{file name: module}`` of every module under ``eva_optax._src``, its
+  concept folders included (file names are unique across the folders)."""
   src = importlib.import_module(f"{PACKAGE}._src")
-  return {i.name: importlib.import_module(f"{PACKAGE}._src.{i.name}")
-          for i in pkgutil.iter_modules(src.__path__)}
+  return {i.name.rsplit(".", 1)[-1]: importlib.import_module(i.name)
+          for i in pkgutil.walk_packages(src.__path__, f"{src.__name__}.")
+          if not i.ispkg}
 
 
 def _title(module: str) -> str:
   if module in TOPICS:
     return TOPICS[module]
-  try:
-    doc = inspect.getdoc(importlib.import_module(f"{PACKAGE}._src.{module}")) or module
-  except ImportError:
-    doc = inspect.getdoc(importlib.import_module(module)) or module
+  found = _src_modules().get(module)
+  doc = inspect.getdoc(found if found is not None
+                       else importlib.import_module(module)) or module
   return doc.splitlines()[0].rstrip(".")
 
 
 def _constant_doc(module: str, attribute: str) -> list[str]:
   """The ``#:`` comment (or string after the assignment) of a constant in its module."""
   try:
-    docs = ModuleAnalyzer.for_module(f"{PACKAGE}._src.{module}").find_attr_docs()
+    docs = ModuleAnalyzer.for_module(_src_modules()[module].__name__).find_attr_docs()
   except PycodeError:
     return []
   return list(docs.get(("", attribute), []))

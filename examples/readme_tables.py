@@ -45,6 +45,7 @@ from harness import tables
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS_PAGE = "docs/results.md"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +63,7 @@ class Table:
   source: str
   render: Callable[[dict[str, Any]], str]
   committed_in: str | None = None
-  pages: tuple[str, ...] = ("README.md",)
+  pages: tuple[str, ...] = (RESULTS_PAGE,)
 
 
 TABLES: dict[str, Table] = {}
@@ -147,8 +148,10 @@ def comparison_table(learning_rates: bool = True,
 
 register(Table("demo", "examples/results/demo.json",
                comparison_table(learning_rates=False)))
+# The headline: the README shows it, and the results guide with the others.
 register(Table("autoencoder", "examples/results/autoencoder.json",
-               comparison_table(), committed_in="444f82d"))
+               comparison_table(), committed_in="444f82d",
+               pages=("README.md", RESULTS_PAGE)))
 register(Table("classifier", "examples/results/classifier.json",
                comparison_table(), committed_in="444f82d"))
 register(Table("classifier_next_lower_lr",
@@ -162,7 +165,7 @@ register(Table("time_to_quality", "benchmarks/results/time_to_quality.json",
                lambda record: record["table"]))
 # benchmarks/scaling.py stores its report (benchlib.scaling_report.report) too.
 register(Table("scaling", "benchmarks/results/scaling.json",
-               lambda record: record["table"]))
+               lambda record: record["table"], pages=("docs/devices.md",)))
 
 
 def render(table: Table, root: str = ROOT) -> str:

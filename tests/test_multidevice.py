@@ -165,3 +165,29 @@ def test_scaling_benchmark_quick(tmp_path):
   for name, o in row["optimizers"].items():
     assert math.isfinite(o["ratio_vs_sgd"]) and o["ratio_vs_sgd"] > 0, name
     assert o["nested_bytes"] == 0, name   # nothing communicated inside cond/while
+
+
+def test_explicit_sharding_equals_one_device():
+  """Under jax.set_mesh with Explicit axes, every optimizer trains (statistics
+  and updates computed with the axes in Auto mode) and equals one device: data
+  parallel and FSDP-sharded kernels, within 10x the round-off floor of the same
+  steps on row-permuted batches (or B * eps32 where that floor is smaller);
+  updated parameters keep their shardings; step 1's statistics equal one
+  device's within 2 B eps32 (a sum over B = 64 rows in another order)."""
+  result = run_script("explicit_sharding.py", devices=8, timeout=600,
+                      env=FAST_COMPILE)
+  assert result["devices"] == 8
+  eps32 = float(np.finfo(np.float32).eps)
+  failures = []
+  for name, r in result["optimizers"].items():
+    tol = max(10 * r["floor"], 64 * eps32)
+    for kind in ("data", "fsdp"):
+      if not r[kind] <= tol:
+        failures.append(f"{name} {kind}: {r[kind]:.3g} of the change (tol {tol:.3g})")
+      if not r[f"{kind}_specs_kept"]:
+        failures.append(f"{name} {kind}: parameter shardings changed")
+      if f"{kind}_stats" in r and not r[f"{kind}_stats"] <= 2 * 64 * eps32:
+        failures.append(f"{name} {kind}: statistics off by {r[kind + '_stats']:.3g}")
+    assert r["change"] > 1e-3, (name, r["change"])
+  assert set(result["optimizers"]) == {"eva", "eva_f", "eva_s", "kfac", "foof", "shampoo"}
+  assert not failures, "\n".join(failures)

@@ -43,6 +43,7 @@ from eva_optax._src.preconditioner import kl
 from eva_optax._src.linalg import pow2
 from eva_optax._src.preconditioner import matching
 from eva_optax._src.preconditioner import validation
+from eva_optax._src.vocabulary import sharding
 from eva_optax._src.vocabulary import views as views_lib
 
 Array = jax.Array
@@ -277,4 +278,5 @@ def layerwise_preconditioner(
                             is_leaf=views_lib.is_box))
     return new_updates, new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+      init_fn, sharding.like_inputs(update_fn))

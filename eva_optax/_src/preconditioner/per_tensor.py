@@ -45,6 +45,7 @@ from eva_optax._src.preconditioner import grafting
 from eva_optax._src.preconditioner import matching
 from eva_optax._src.preconditioner import validation
 from eva_optax._src.vocabulary import tree_utils
+from eva_optax._src.vocabulary import sharding
 from eva_optax._src.vocabulary import views as views_lib
 
 Array = jax.Array
@@ -356,7 +357,8 @@ def per_tensor_preconditioner(
     out = [o.astype(g.dtype) for o, g in zip(out, leaves)]
     return jax.tree.unflatten(jax.tree.structure(updates), out), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+      init_fn, sharding.like_inputs(update_fn))
 
 
 def _keep(operand):

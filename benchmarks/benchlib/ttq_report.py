@@ -1,5 +1,19 @@
-"""benchmarks/time_to_quality.py's record: reach times, the markdown table,
-the JSON (with provenance) and the figure."""
+"""benchmarks/time_to_quality.py's record: reach, cost, the markdown table, the
+JSON (with provenance) and the figure.
+
+The **cost** of reaching a loss is what a user pays for it: the epochs a row
+takes to first reach the loss times its step time relative to SGD's (both
+measured in one process), over the baseline's (Adam's, AdamW's) same product
+for its own final loss. The epoch at which a row first reaches a loss is
+interpolated linearly between the last evaluation above it and the first at or
+below it (from the initial loss at epoch 0 when the first evaluation is
+already below; a record without that initial loss, older than this column,
+gives the first evaluation's epoch, an upper bound, marked ``<=``).
+
+Everything in the table is a pure function of the record (``runs`` -> row ->
+``evals`` with ``epoch`` and the loss, ``step_ratio_vs_sgd``), so
+``examples/readme_tables.py`` renders committed records, older ones included.
+"""
 
 from __future__ import annotations
 
@@ -10,129 +24,279 @@ from harness import provenance
 from harness import records
 from harness import style
 
-TARGET = 0.0107  # kfac-jax adaptive K-FAC, 3 epochs (issue 10)
-KFAC_JAX_ADAPTIVE = (0.0244, 0.0139, 0.0107)  # its test MSE after epochs 1, 2, 3
-REFRESH = {"kfac": 10, "foof": 10, "shampoo": 10}  # inverse_every
-
 LABELS = {"sgd": "SGD", "adam": "Adam", "eva": "Eva", "eva_f": "Eva-f",
           "eva_s": "Eva-s", "kfac": "K-FAC", "foof": "FOOF",
           "shampoo": "Shampoo", "gradient": "gradient"}
-def label(row: str) -> str:
+BASELINE = "adam"
+# Old autoencoder records (before the task field) name their target and
+# outside reference at the top level.
+_OLD_TARGET_WHAT = "kfac-jax adaptive K-FAC, 3 epochs"
+_SHORT = {"stats_batch": "stats batch", "curvature_batch": "curvature batch",
+          "adapt_every": "adapt every", "inverse_every": "inverse every",
+          "stats_every": "stats every"}
+
+
+def label(row: str, labels: dict[str, str] | None = None) -> str:
   name, _, mode = row.partition("+")
-  return LABELS[name] + (" + adaptive" if mode else "")
+  return ({**LABELS, **(labels or {})}[name]
+          + (" + adaptive" if mode else ""))
 
 
-def reach(rec: dict[str, Any], target: float) -> dict[str, float] | None:
-  """The first evaluation at or below ``target``: its epoch and training seconds."""
-  for e in rec["evals"]:
-    if e["test_mse"] <= target:
-      return {"epoch": e["epoch"], "seconds": e["train_seconds"]}
+def metric(record: dict[str, Any]) -> dict[str, Any]:
+  """``{"key", "label", "log_scale"}`` of the record's reported loss."""
+  return record.get("metric") or {"key": "test_mse", "label": "test MSE",
+                                  "log_scale": True}
+
+
+def targets(record: dict[str, Any]) -> dict[float, str]:
+  """The fixed losses the table reports a reach for."""
+  if "targets" in record:
+    return {float(k): v for k, v in record["targets"].items()}
+  return {record["target"]: _OLD_TARGET_WHAT} if record.get("target") else {}
+
+
+def reach(rec: dict[str, Any], target: float, key: str
+          ) -> dict[str, Any] | None:
+  """When ``rec`` first reaches ``target``: the first evaluation at or below
+  it (``epoch``, ``seconds``) and the interpolated epoch (``epoch_interp``;
+  ``bound``: True when it is the first evaluation's epoch, an upper bound)."""
+  evals = rec["evals"]
+  for i, e in enumerate(evals):
+    if e[key] <= target:
+      out = {"epoch": e["epoch"], "seconds": e["train_seconds"],
+             "epoch_interp": e["epoch"], "bound": False}
+      prev = ((evals[i - 1]["epoch"], evals[i - 1][key]) if i else
+              (0.0, rec["initial_loss"]) if "initial_loss" in rec else None)
+      if prev is None:
+        out["bound"] = True
+      elif prev[1] > target:   # finite and above: the crossing lies between
+        out["epoch_interp"] = prev[0] + (e["epoch"] - prev[0]) * (
+            (prev[1] - target) / (prev[1] - e[key]))
+      elif i == 0:             # the initial loss is already at or below it
+        out["epoch_interp"] = 0.0
+      return out
   return None
+
+
+def baseline_final(record: dict[str, Any]) -> float | None:
+  base = record["runs"].get(BASELINE)
+  return base["evals"][-1][metric(record)["key"]] if base else None
+
+
+def cost(rec: dict[str, Any], record: dict[str, Any]
+         ) -> dict[str, Any] | None:
+  """The cost of reaching the baseline's final loss, relative to the
+  baseline's (None: no baseline or no step ratios); ``value`` None: the row
+  never reaches it."""
+  base, final = record["runs"].get(BASELINE), baseline_final(record)
+  if final is None or rec.get("step_ratio_vs_sgd") is None or (
+      base.get("step_ratio_vs_sgd") is None):
+    return None
+  key = metric(record)["key"]
+  mine, theirs = reach(rec, final, key), reach(base, final, key)
+  if mine is None:
+    return {"value": None}
+  denominator = theirs["epoch_interp"] * base["step_ratio_vs_sgd"]
+  return {"value": mine["epoch_interp"] * rec["step_ratio_vs_sgd"]
+                   / denominator,
+          "epochs": mine["epoch_interp"], "bound": mine["bound"],
+          "baseline_epochs": theirs["epoch_interp"],
+          "baseline_step_ratio": base["step_ratio_vs_sgd"]}
 
 
 def _fmt_reach(r):
   return "not reached" if r is None else f"{r['epoch']:g} ({r['seconds']:.0f} s)"
 
 
+def _fmt_cost(c):
+  if c is None:
+    return "-"
+  if c["value"] is None:
+    return "not reached"
+  return ("<=" if c["bound"] else "") + f"{c['value']:.2f}x"
+
+
+def _under_load(rec) -> bool:
+  return not rec.get("step_ratio_timing", {}).get("quiet", True)
+
+
+def _settings(rec) -> str:
+  s = rec.get("settings") or {}
+  return ", ".join(f"{_SHORT[k]} {'all' if v is None else v}"
+                   for k, v in s.items()) or "-"
+
+
+def _digits(record) -> int:
+  return 4 if metric(record)["key"] == "test_mse" else 3
+
+
 def markdown_table(record: dict[str, Any]) -> str:
   """The table of a record in docs/results.md (a pure function of the JSON)."""
-  runs, adam_final = record["runs"], record["adam_final"]
+  runs, m = record["runs"], metric(record)
+  labels = record.get("labels", {})
+  base_label = label(BASELINE, labels)
+  final = baseline_final(record)
   epochs = record["config"]["epochs"]
-  cols = [f"epoch {k}" for k in range(1, epochs + 1)]
-  head = (["optimizer", "lr"] + [f"test MSE, {c}" for c in cols]
-          + ["train s", "step / SGD", f"reaches {TARGET}: epoch (s)"])
-  if adam_final is not None:
-    head.append(f"reaches Adam's {adam_final:.4f}: epoch (s)")
+  d = _digits(record)
+  new = any("settings" in r for r in runs.values())
+  head = (["optimizer", "lr"] + (["settings"] if new else [])
+          + [f"{m['label'].split(' (')[0]}, epoch {k}"
+             for k in range(1, epochs + 1)]
+          + ["train s", "step / SGD"]
+          + [f"reaches {t:g}: epoch (s)" for t in targets(record)])
+  if final is not None:
+    head += [f"reaches {base_label}'s {final:.{d}f}: epoch (s)",
+             f"cost to reach {base_label}'s {final:.{d}f}, relative to "
+             f"{base_label}'s"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for row, rec in runs.items():
-    by_epoch = {e["epoch"]: e["test_mse"] for e in rec["evals"]}
-    mses = [f"{by_epoch[k]:.4f}" if k in by_epoch else "-"
-            for k in range(1, epochs + 1)]
-    lr = "adaptive" if "+" in row else f"{rec['learning_rate']:.3g}"
-    cells = ([label(row), lr] + mses
+    by_epoch = {e["epoch"]: e[m["key"]] for e in rec["evals"]}
+    values = [f"{by_epoch[k]:.{d}f}" if k in by_epoch else "-"
+              for k in range(1, epochs + 1)]
+    ratio = rec.get("step_ratio_vs_sgd")
+    cells = ([label(row, labels),
+              "adaptive" if "+" in row else f"{rec['learning_rate']:.3g}"]
+             + ([_settings(rec)] if new else []) + values
              + [f"{rec['train_seconds']:.0f}",
-                "-" if rec["step_ratio_vs_sgd"] is None
-                else f"{rec['step_ratio_vs_sgd']:.2f}x",
-                _fmt_reach(rec["reach"]["target"])])
-    if adam_final is not None:
-      cells.append(_fmt_reach(rec["reach"]["adam"]))
+                "-" if ratio is None else
+                f"{ratio:.2f}x" + ("†" if _under_load(rec) else "")]
+             + [_fmt_reach(reach(rec, t, m["key"])) for t in targets(record)])
+    if final is not None:
+      cells += [_fmt_reach(reach(rec, final, m["key"])),
+                _fmt_cost(cost(rec, record))]
     lines.append("| " + " | ".join(cells) + " |")
-  ref = " / ".join(f"{v:.4f}" for v in KFAC_JAX_ADAPTIVE)
-  lines.append("")
-  lines.append(f"kfac-jax adaptive K-FAC (issue 10, for reference), test MSE "
-               f"after epochs 1 / 2 / 3: {ref}, at 3.6-6x an SGD step.")
-  return "\n".join(lines)
+  text = "\n\n".join(notes(record))
+  return "\n".join(lines) + ("\n\n" + text if text else "")
 
 
-def make_record(runs, sweeps, args, setup: Any, argv, *, model_sizes,
-                script: str) -> dict[str, Any]:
-  """The JSON record: runs, sweeps, config, reach times, table, provenance."""
-  adam = runs.get("adam")
-  adam_final = adam["evals"][-1]["test_mse"] if adam else None
-  for rec in runs.values():
-    rec["label"] = label(rec["row"])
-    rec["reach"] = {"target": reach(rec, TARGET),
-                    "adam": reach(rec, adam_final) if adam_final else None}
-  config = {k: v for k, v in vars(args).items() if k not in ("out",)}
-  config.update(model="784-" + "-".join(map(str, model_sizes)) + "-784",
-                batch=setup.batch, train_images=int(setup.x_train.shape[0]),
-                test_images=int(setup.x_test.shape[0]),
-                steps_per_epoch=setup.steps_per_epoch,
-                fixed_rows={"momentum": 0.9, "schedule": "linear decay to 0",
-                            "inverse_every": REFRESH},
-                loss="MSE averaged over batch x 784, pixels in [0, 1]")
-  record = {"benchmark": "time_to_quality",
+def notes(record: dict[str, Any]) -> list[str]:
+  """The sentences under the table: the cost's definition, the load, the
+  outside reference."""
+  runs, labels = record["runs"], record.get("labels", {})
+  b = label(BASELINE, labels)
+  out = []
+  if baseline_final(record) is not None:
+    bound = any((cost(r, record) or {}).get("bound") for r in runs.values())
+    out.append(
+        f"Cost: the epochs to first reach {b}'s final loss (interpolated "
+        "linearly between the evaluations around it) times the step time "
+        f"relative to SGD's, over {b}'s same product."
+        + (" `<=`: reached at the first evaluation, and this record has no "
+           "epoch-0 loss to interpolate from: at most this." if bound else ""))
+  timed = [r for r in runs.values() if "step_ratio_timing" in r]
+  if timed:
+    t = timed[0]["step_ratio_timing"]["max_load"]
+    loud = [label(r["row"], labels) for r in timed if _under_load(r)]
+    out.append(
+        f"Step ratios timed with the 1-minute load average at most {t:g} "
+        "before and after, re-timed when it was not"
+        + (f"; † {', '.join(loud)}: never below it, the least loaded timing "
+           "kept." if loud else "."))
+  elif runs and all("step_ratio_timing" not in r for r in runs.values()):
+    loads = [r["load_average"][0] for r in runs.values()
+             if isinstance(r.get("load_average"), list)]
+    if loads:
+      out.append("This record predates the per-row load check: its step "
+                 "ratios were timed whatever the load (1-minute load average "
+                 f"{min(loads):.1f} to {max(loads):.1f} at the rows' ends, on "
+                 f"{provenance.summary(record)['device'].get('cpu_count', '?')}"
+                 " cores).")
+  ref = record.get("reference_curve") or (
+      {"label": "kfac-jax adaptive K-FAC (issue 10)",
+       "losses": list(record["kfac_jax_adaptive"].values()),
+       "note": "at 3.6-6x an SGD step"}
+      if record.get("kfac_jax_adaptive") else None)
+  if ref:
+    out.append(f"{ref['label']}, for reference, "
+               f"{metric(record)['label']} after epochs "
+               f"{' / '.join(str(k + 1) for k in range(len(ref['losses'])))}: "
+               f"{' / '.join(f'{v:.4f}' for v in ref['losses'])}, "
+               f"{ref['note']}.")
+  return out
+
+
+def make_record(runs, sweeps, args, task, argv, *, script: str
+                ) -> dict[str, Any]:
+  """The JSON record: runs, sweeps, config, reach and cost, table,
+  provenance."""
+  record = {"benchmark": "time_to_quality", "task": task.name,
             "provenance": provenance.collect(
                 None if argv is None else [script] + list(argv)),
-            "config": config, "target": TARGET, "adam_final": adam_final,
-            "kfac_jax_adaptive": {f"epoch {k + 1}": v
-                                  for k, v in enumerate(KFAC_JAX_ADAPTIVE)},
-            "sweeps": sweeps, "runs": runs}
+            "metric": {"key": task.metric, "label": task.metric_label,
+                       "log_scale": task.name == "autoencoder"},
+            "labels": task.labels,
+            "baseline": {"row": BASELINE, "label": label(BASELINE, task.labels)},
+            "targets": {f"{t:g}": w for t, w in task.targets.items()},
+            "reference_curve": task.reference_curve}
+  config = {k: v for k, v in vars(args).items()
+            if k not in ("out", "settings") and not k.startswith(("explore",))}
+  config.update(epochs=task.epochs, task=task.name, description=task.description,
+                row_settings=args.settings, **task.config,
+                fixed_rows={"momentum": "0.9 (Adam: none)",
+                            "schedule": "linear decay to 0"},
+                adaptive_rows={"loss": task.adaptive_loss})
+  record.update(config=config, sweeps=sweeps, runs=runs)
+  final = baseline_final(record)
+  record["adam_final"] = final
+  for rec in runs.values():
+    rec["label"] = label(rec["row"], task.labels)
+    rec["reach"] = {f"{t:g}": reach(rec, t, task.metric)
+                    for t in task.targets}
+    if final is not None:
+      rec["reach"]["baseline_final"] = reach(rec, final, task.metric)
+      rec["cost_vs_baseline"] = cost(rec, record)
   record["table"] = markdown_table(record)
   return record
 
 
 def plot(record: dict[str, Any], path: str) -> str:
-  """Test MSE against epoch and against training seconds (log scale)."""
+  """The loss against epochs and against the cost (epochs x step / SGD)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  m = metric(record)
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
   for row, rec in record["runs"].items():
-    _, _, mode = row.partition("+")
-    # The gradient direction + adaptive is drawn in SGD's colour, dashed.
     kw = dict(style.of(row.replace("gradient", "sgd")), markersize=4,
-              label=rec["label"],
-              linewidth=1.6 if mode else 1.0)
-    ev = rec["evals"]
-    axes[0].plot([e["epoch"] for e in ev], [e["test_mse"] for e in ev], **kw)
-    axes[1].plot([e["train_seconds"] for e in ev], [e["test_mse"] for e in ev], **kw)
-  ref = KFAC_JAX_ADAPTIVE[:record["config"]["epochs"]]
-  axes[0].plot(range(1, len(ref) + 1), ref, "kx", markersize=8,
-               label="kfac-jax adaptive K-FAC (issue 10)")
-  sgd = record["runs"].get("sgd")
+              label=rec["label"], linewidth=1.6 if "+" in row else 1.0)
+    xs = [e["epoch"] for e in rec["evals"]]
+    ys = [e[m["key"]] for e in rec["evals"]]
+    axes[0].plot(xs, ys, **kw)
+    if rec.get("step_ratio_vs_sgd"):
+      axes[1].plot([x * rec["step_ratio_vs_sgd"] for x in xs], ys, **kw)
+  ref = record.get("reference_curve")
+  if ref:
+    axes[0].plot(range(1, len(ref["losses"]) + 1), ref["losses"], "kx",
+                 markersize=8, label=ref["label"])
+  final = baseline_final(record)
+  b = record.get("baseline", {}).get("label", "Adam")
   for ax in axes:
-    ax.axhline(TARGET, color="k", linewidth=0.8, linestyle="-.",
-               label=f"{TARGET} (kfac-jax adaptive, 3 epochs)")
-    if sgd:
-      style.target_line(ax, sgd["evals"][-1]["test_mse"], "SGD's final MSE")
-    ax.set_yscale("log")
-    ax.set_ylabel("test MSE (10,000 images)")
+    for t, what in targets(record).items():
+      ax.axhline(t, color="k", linewidth=0.8, linestyle="-.",
+                 label=f"{t:g} ({what})")
+    if final is not None:
+      style.target_line(ax, final, f"{b}'s final loss")
+    if m.get("log_scale"):
+      ax.set_yscale("log")
+    ax.set_ylabel(m["label"])
     ax.grid(True, alpha=0.3)
   axes[0].set_xlabel("epoch")
   style.integer_ticks(axes[0].xaxis)
-  axes[1].set_xlabel("training seconds (compilation and evaluation excluded)")
+  axes[1].set_xlabel("cost: epochs x step time / SGD's (SGD-epochs)")
   axes[0].legend(fontsize=7, ncol=2)
-  c = record["config"]
-  fig.suptitle(f"Fashion-MNIST deep autoencoder, {c['train_images']} images, "
-               f"batch {c['batch']}, {c['epochs']} epochs: time to quality "
-               "(dashed: adaptive)", fontsize=10)
+  fig.suptitle(record["config"].get("description", "time to quality")
+               + " (dashed: adaptive)", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
 
 
+def stem(task: str) -> str:
+  return "time_to_quality" + ("" if task == "autoencoder" else f"_{task}")
+
+
 def write(record: dict[str, Any], out: str) -> list[str]:
-  path = records.write_json(os.path.join(out, "time_to_quality.json"), record)
-  return [path, plot(record, os.path.join(out, "time_to_quality.png"))]
+  name = stem(record.get("task", "autoencoder"))
+  path = records.write_json(os.path.join(out, name + ".json"), record)
+  return [path, plot(record, os.path.join(out, name + ".png"))]

@@ -37,7 +37,10 @@ import sys
 from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "benchmarks"))
 # pylint: disable=g-import-not-at-top,wrong-import-position
+from benchlib import ttq_report
 from harness import optimizers
 from harness import provenance
 from harness import records
@@ -56,7 +59,9 @@ class Table:
   ``pages`` are Markdown files relative to the repository root; each holds the
   table's markers exactly once. ``committed_in`` names the commit that added a
   JSON written before records carried their provenance (shown in place of the
-  unknown producing commit).
+  unknown producing commit). ``missing``: the text shown between the markers
+  while the JSON does not exist yet (a record still to be made); None: the
+  JSON must exist.
   """
 
   name: str
@@ -64,6 +69,7 @@ class Table:
   render: Callable[[dict[str, Any]], str]
   committed_in: str | None = None
   pages: tuple[str, ...] = (RESULTS_PAGE,)
+  missing: str | None = None
 
 
 TABLES: dict[str, Table] = {}
@@ -159,18 +165,31 @@ register(Table("classifier_next_lower_lr",
                comparison_table(), committed_in="863507a"))
 register(Table("transformer_lm", "examples/results/transformer_lm.json",
                comparison_table()))
-# benchmarks/time_to_quality.py stores its table (time_to_quality.markdown_table,
-# a pure function of the record, checked by tests/test_adaptive.py) in the JSON.
+# benchmarks/time_to_quality.py's tables: benchlib.ttq_report.markdown_table, a
+# pure function of the record (its JSON also stores it), which renders older
+# records too (the cost column is computed from their evaluations).
 register(Table("time_to_quality", "benchmarks/results/time_to_quality.json",
-               lambda record: record["table"]))
+               ttq_report.markdown_table))
+register(Table(
+    "time_to_quality_transformer",
+    "benchmarks/results/time_to_quality_transformer.json",
+    ttq_report.markdown_table,
+    missing=("No record yet: `python benchmarks/time_to_quality.py --task "
+             "transformer` writes `benchmarks/results/"
+             "time_to_quality_transformer.json`, and `python "
+             "examples/readme_tables.py` puts its table here.")))
 # benchmarks/scaling.py stores its report (benchlib.scaling_report.report) too.
 register(Table("scaling", "benchmarks/results/scaling.json",
                lambda record: record["table"], pages=("docs/devices.md",)))
 
 
 def render(table: Table, root: str = ROOT) -> str:
-  """The markdown between ``table``'s markers: the table and its provenance."""
-  record = records.read_json(os.path.join(root, table.source))
+  """The markdown between ``table``'s markers: the table and its provenance
+  (``table.missing`` while an optional JSON does not exist)."""
+  path = os.path.join(root, table.source)
+  if table.missing is not None and not os.path.isfile(path):
+    return table.missing
+  record = records.read_json(path)
   return (table.render(record).rstrip("\n") + "\n\n"
           + provenance_line(record, table.committed_in))
 

@@ -6,12 +6,16 @@ training step (forward, backward, statistics, optimizer update, apply) of
   SGD-momentum, Adam, Eva, Eva-f, Eva-s, K-FAC, FOOF and Shampoo
   (K-FAC, FOOF and Shampoo with ``inverse_every`` 1 and 10)
 
-on two models:
+on three models:
 
   * ``autoencoder``: the deep autoencoder 784-1000-500-250-30-250-500-1000-784
     (ReLU, MSE reconstruction loss), batch 1000;
   * ``cnn``: Conv(32, 3x3) - ReLU - maxpool 2 - Conv(64, 3x3) - ReLU - maxpool 2 -
-    Dense(128) - ReLU - Dense(10), softmax cross-entropy, 28x28x1 inputs, batch 128.
+    Dense(128) - ReLU - Dense(10), softmax cross-entropy, 28x28x1 inputs, batch 128;
+  * ``transformer``: the character-level GPT of ``examples/transformer_lm.py``
+    at its defaults (2 blocks under ``nn.scan``, width 64, 4 heads, context 64,
+    a 63-character vocabulary, softmax cross-entropy), batch 32, with the
+    capture's layer views for the preconditioners.
 
 Data is random (timings do not depend on it); the steps cycle through 8 fixed
 batches. Every number is reported as a ratio against SGD-momentum (and Adam)
@@ -61,9 +65,11 @@ How it is measured
   chain); for SGD it is 1 by construction. Near 1 means the curvature only
   rescaled the step; lower means it turned the direction (see docs/choosing.md,
   "Why Eva behaves like SGD here").
-* A breakdown times the pieces of the SGD and Eva steps separately (gradient
-  alone, gradient plus statistics, update plus apply alone, full steps), to
-  locate any extra time Eva spends.
+* A breakdown times the pieces of the steps separately, interleaved: the
+  gradient alone, the gradient plus each statistics mode, every optimizer's
+  update plus apply alone (on fixed gradients and statistics), and SGD's,
+  Adam's and Eva's full steps; it prints each update plus apply over Adam's
+  (paired), to locate any extra time Eva spends.
 * ``OPENBLAS_NUM_THREADS`` defaults to 1 (see below), and
   ``faulthandler.dump_traceback_later`` aborts with exit status 1 and every
   thread's stack if one call runs longer than ``--hang-timeout`` seconds (a
@@ -76,7 +82,7 @@ diagnostics, tables); this file is the command line and the order of work.
 
 Usage::
 
-  python benchmarks/step_time.py                    # full run, both models
+  python benchmarks/step_time.py                    # full run, three models
   python benchmarks/step_time.py --quick            # smoke test (tiny, ~2 min)
   python benchmarks/step_time.py --models cnn --optimizers sgd,adam,eva \\
       --rounds 7 --steps 20 --out results/cnn.json
@@ -122,6 +128,7 @@ def run_model(name: str, specs: list[optimizers.OptSpec], args,
               log=print) -> dict[str, Any]:
   """Times every optimizer of ``specs`` on model ``name``; the model's record."""
   problem = problems.make_problem(name, args.quick)
+  problem.stats_batch = args.stats_batch
   n_params = int(optax.tree.size(problem.params))
   log(f"\n## {problem.description}")
   log(f"  parameters: {n_params:,}")
@@ -161,12 +168,17 @@ def run_model(name: str, specs: list[optimizers.OptSpec], args,
       entry["cosine"] = None
       entry["cosine_error"] = f"{type(e).__name__}: {e}"
     res["optimizers"][r.name] = entry
-  if "sgd" in by:
+  if "sgd" in by and problem.analytic_state:
     res["eva_state"] = diagnostics.eva_state_report(problem, by)
   if args.breakdown and hasattr(eva_optax, "eva"):
-    log("  breakdown (SGD vs Eva pieces):")
-    res["breakdown"] = diagnostics.breakdown(problem, args.rounds, args.steps,
-                                             log=log)
+    log("  breakdown (the steps' pieces):")
+    chosen = args.breakdown_optimizers.split(",")
+    bspecs = [s for s in optimizers.OPTIMIZERS if optimizers.available(s) and (
+        s.name in ("sgd", "adam") or "all" in chosen and s in specs
+        or s.name in chosen)]
+    res["breakdown"] = diagnostics.breakdown(problem, bspecs, args.rounds,
+                                             args.steps, log=log)
+    res["update_vs_adam"] = diagnostics.update_ratios(res["breakdown"], bspecs)
   return res
 
 
@@ -189,7 +201,15 @@ def parser() -> argparse.ArgumentParser:
                   help="smoke test: tiny models and batches, 1 round of 2 steps "
                   "(numbers are meaningless)")
   ap.add_argument("--no-breakdown", dest="breakdown", action="store_false",
-                  help="skip the SGD-vs-Eva piece-by-piece timing")
+                  help="skip the piece-by-piece timing")
+  ap.add_argument("--breakdown-optimizers", default=None,
+                  help="optimizers whose update+apply the breakdown times "
+                  "alone ('all': every optimizer timed; SGD and Adam always; "
+                  "None: all, or eva,eva_f with --quick)")
+  ap.add_argument("--stats-batch", type=int, default=None,
+                  help="Eva, Eva-f, K-FAC, FOOF: statistics from the first M "
+                  "examples of the batch (eva_optax.value_and_grad("
+                  "stats_batch=M)); None: the whole batch")
   ap.add_argument("--out", default="results/step_time.json",
                   help="JSON output path")
   ap.add_argument("--hang-timeout", type=float, default=None,
@@ -206,8 +226,13 @@ def parse_args(argv=None):
     args.hang_timeout = 120.0 if args.quick else 600.0
   if args.quick:
     args.rounds, args.steps = 1, 2
+  if args.breakdown_optimizers is None:
+    args.breakdown_optimizers = "eva,eva_f" if args.quick else "all"
   if args.rounds < 1 or args.steps < 1:
     ap.error("--rounds and --steps must be >= 1")
+  if args.stats_batch is not None and not optimizers.stats_batch_supported():
+    ap.error("--stats-batch: this eva_optax's value_and_grad has no "
+             "stats_batch= argument")
   return args
 
 

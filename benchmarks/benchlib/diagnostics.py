@@ -1,6 +1,7 @@
 """What the benchmark reports besides step times: the direction's cosine to
 the gradient, Eva's state against its analytic size, and a piece-by-piece
-timing of the SGD and Eva steps."""
+timing of the steps (the gradient with and without statistics, every
+optimizer's update and apply alone, SGD's, Adam's and Eva's full steps)."""
 
 from __future__ import annotations
 
@@ -27,10 +28,12 @@ def direction_cosine(spec: optimizers.OptSpec, runner: timing.StepRunner,
   does not fit.
   """
   params = runner.params
-  grad_fn = optimizers.gradient_fn(problem.loss_fn, spec.statistics)
+  grad_fn = optimizers.gradient_fn(problem.loss_fn, spec.statistics,
+                                   problem.stats_batch)
   if spec.name == "sgd":
     return 1.0   # the plain gradient by construction
-  tx = spec.factory(1.0, momentum=0.0) if spec.eva_family else spec.factory(1.0)
+  tx = (spec.factory(1.0, momentum=0.0, **problem.options) if spec.eva_family
+        else spec.factory(1.0))
   state = tx.init(params)
   first = runner.opt_state[0]
   if jax.tree.structure(state[0]) != jax.tree.structure(first):
@@ -84,38 +87,71 @@ def eva_state_report(problem: problems.Problem,
   return rep
 
 
-def breakdown(problem: problems.Problem, rounds: int, steps: int,
-              log=print) -> dict[str, Any]:
-  """Times the pieces of the SGD and Eva steps (same interleaving)."""
-  p = problem
-  plain = jax.jit(jax.value_and_grad(p.loss_fn))
-  vec = jax.jit(eva_optax.value_and_grad(p.loss_fn, statistics="vectors"))
-  _, grads, stats = vec(p.params, p.x, p.y)
-  grads, stats = jax.block_until_ready((grads, stats))
+UPDATE = "update+apply: "   # the breakdown's names of the update pieces
 
-  def update_runner(name, tx, with_stats):
-    def upd(params, opt_state, grads, stats):
-      kw = {"stats": stats} if with_stats else {}
-      updates, opt_state = tx.update(grads, opt_state, params, **kw)
+
+def breakdown(problem: problems.Problem, specs: list[optimizers.OptSpec],
+              rounds: int, steps: int, log=print) -> dict[str, Any]:
+  """Times the pieces of the steps, interleaved like the steps themselves.
+
+  * the gradient alone (``jax.value_and_grad``) and with each statistics mode
+    that ``specs`` use (``eva_optax.value_and_grad``, with the problem's
+    ``stats_batch``);
+  * ``update+apply: <label>``: each optimizer of ``specs`` alone, its
+    ``tx.update`` and ``optax.apply_updates`` on fixed gradients and
+    statistics, params and state donated (a refresh period rounds the window
+    up, as for the full steps);
+  * the full steps of SGD, Adam and Eva (those in ``specs``).
+  """
+  p = problem
+  modes = sorted({s.statistics for s in specs if s.statistics})
+  plain = jax.jit(jax.value_and_grad(p.loss_fn))
+  grad_fns = {m: jax.jit(optimizers.gradient_fn(p.loss_fn, m, p.stats_batch))
+              for m in modes}
+  pieces = {}
+  for m, fn in grad_fns.items():
+    _, grads, stats = jax.block_until_ready(fn(p.params, p.x, p.y))
+    pieces[m] = (grads, stats)
+  grads = jax.block_until_ready(plain(p.params, p.x, p.y))[1]
+
+  def update_runner(spec):
+    tx = spec.factory(spec.lr, **p.options)
+    g, stats = pieces[spec.statistics] if spec.statistics else (grads, None)
+
+    def upd(params, opt_state, g, stats):
+      kw = {} if stats is None else {"stats": stats}
+      updates, opt_state = tx.update(g, opt_state, params, **kw)
       return optax.apply_updates(params, updates), opt_state
     upd = jax.jit(upd, donate_argnums=(0, 1))
     box = {"params": timing.copy_tree(p.params)}
     box["state"] = timing.copy_tree(tx.init(box["params"]))   # distinct buffers
 
     def call():
-      box["params"], box["state"] = upd(box["params"], box["state"], grads, stats)
+      box["params"], box["state"] = upd(box["params"], box["state"], g, stats)
       return box["params"], box["state"]
-    return timing.Runner(name, call)
+    return timing.Runner(UPDATE + spec.label, call, spec.period)
 
-  runners = [
-      timing.Runner("grad: jax.value_and_grad", lambda: plain(p.params, p.x, p.y)),
-      timing.Runner("grad+stats: eva_optax.value_and_grad(vectors)",
-                    lambda: vec(p.params, p.x, p.y)),
-      update_runner("update+apply: SGD-momentum", optimizers.sgd(0.01), False),
-      update_runner("update+apply: Eva", eva_optax.eva(0.01), True),
-      timing.StepRunner(optimizers.BY_NAME["sgd"], p),
-      timing.StepRunner(optimizers.BY_NAME["eva"], p),
-  ]
-  runners[-2].name = "full step: SGD-momentum"
-  runners[-1].name = "full step: Eva"
+  sb = "" if p.stats_batch is None else f", stats_batch={p.stats_batch}"
+  runners = [timing.Runner("grad: jax.value_and_grad",
+                           lambda: plain(p.params, p.x, p.y))]
+  runners += [timing.Runner(f"grad+stats: eva_optax.value_and_grad({m}{sb})",
+                            lambda fn=fn: fn(p.params, p.x, p.y))
+              for m, fn in grad_fns.items()]
+  runners += [update_runner(s) for s in specs]
+  for s in specs:
+    if s.name in ("sgd", "adam", "eva"):
+      r = timing.StepRunner(s, p)
+      r.name = f"full step: {s.label}"
+      runners.append(r)
   return timing.time_interleaved(runners, rounds, steps, log=log)
+
+
+def update_ratios(bd: dict[str, Any], specs: list[optimizers.OptSpec],
+                  against: str = "adam") -> dict[str, float]:
+  """Each optimizer's update+apply over ``against``'s, paired by round."""
+  by = {s.name: s for s in specs}
+  if against not in by or UPDATE + by[against].label not in bd:
+    return {}
+  ref = bd[UPDATE + by[against].label]
+  return {s.name: timing.paired_ratio(bd[UPDATE + s.label], ref)
+          for s in specs if UPDATE + s.label in bd}

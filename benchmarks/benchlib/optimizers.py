@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Callable
 
 import jax
@@ -15,7 +16,7 @@ import eva_optax
 class OptSpec:
   name: str
   label: str
-  factory: Callable[..., Any]          # (learning_rate, momentum) -> tx
+  factory: Callable[..., Any]          # (learning_rate, momentum, **options) -> tx
   statistics: str | None               # None: plain jax.value_and_grad
   period: int = 1                      # refresh period (inverse_every)
   eva_family: bool = True              # chain built by eva_optax.training_chain
@@ -23,18 +24,22 @@ class OptSpec:
   requires: str = ""                   # eva_optax attribute it needs
 
 
-def sgd(lr, momentum=0.9):
+def sgd(lr, momentum=0.9, **options):
+  del options    # the preconditioners' options (layer views)
   return optax.sgd(lr, momentum=momentum or None)
 
 
-def adam(lr, momentum=None):
-  del momentum
+def adam(lr, momentum=None, **options):
+  del momentum, options
   return optax.adam(lr)
 
 
 def _eo(name, **kw):
-  def factory(lr, momentum=0.9):
-    return getattr(eva_optax, name)(lr, momentum=momentum, **kw)
+  def factory(lr, momentum=0.9, **options):
+    fn = getattr(eva_optax, name)
+    accepted = inspect.signature(fn).parameters
+    return fn(lr, momentum=momentum, **kw,
+              **{k: v for k, v in options.items() if k in accepted})
   return factory
 
 
@@ -64,8 +69,15 @@ def available(spec: OptSpec) -> bool:
   return not spec.requires or hasattr(eva_optax, spec.requires)
 
 
-def gradient_fn(loss_fn, statistics_mode):
-  """(params, x, y) -> (loss, grads, stats or None)."""
+def stats_batch_supported() -> bool:
+  """Whether this eva_optax's ``value_and_grad`` takes ``stats_batch=``."""
+  return "stats_batch" in inspect.signature(
+      eva_optax.value_and_grad).parameters
+
+
+def gradient_fn(loss_fn, statistics_mode, stats_batch: int | None = None):
+  """(params, x, y) -> (loss, grads, stats or None); ``stats_batch``: the
+  statistics from the first ``stats_batch`` examples of the batch."""
   if statistics_mode is None:
     vg = jax.value_and_grad(loss_fn)
 
@@ -73,12 +85,13 @@ def gradient_fn(loss_fn, statistics_mode):
       loss, grads = vg(params, x, y)
       return loss, grads, None
     return fn
-  return eva_optax.value_and_grad(loss_fn, statistics=statistics_mode)
+  kw = {} if stats_batch is None else {"stats_batch": stats_batch}
+  return eva_optax.value_and_grad(loss_fn, statistics=statistics_mode, **kw)
 
 
-def make_step(tx, loss_fn, statistics_mode):
+def make_step(tx, loss_fn, statistics_mode, stats_batch: int | None = None):
   """The jitted full step; params and opt_state are donated."""
-  grad_fn = gradient_fn(loss_fn, statistics_mode)
+  grad_fn = gradient_fn(loss_fn, statistics_mode, stats_batch)
 
   def step(params, opt_state, x, y):
     loss, grads, stats = grad_fn(params, x, y)

@@ -1,4 +1,5 @@
-"""The benchmark's models on random data: the deep autoencoder and a small CNN.
+"""The benchmark's models on random data: the deep autoencoder, a small CNN and
+the character-level GPT of ``examples/transformer_lm.py``.
 
 Data is random (timings do not depend on it); the steps cycle through
 :data:`N_BATCHES` fixed batches (same shapes, no recompiles), so that the
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 N_BATCHES = 8
-MODELS = ("autoencoder", "cnn")
+MODELS = ("autoencoder", "cnn", "transformer")
 
 
 class Autoencoder(nn.Module):
@@ -63,6 +64,13 @@ class Problem:
   xs: list[jax.Array]           # N_BATCHES batches, already on the device
   ys: list[jax.Array]
   batch: int
+  # Extra arguments of every preconditioner (the transformer's layer views).
+  options: dict[str, Any] = dataclasses.field(default_factory=dict)
+  # Whether Eva's state can be checked against sum over layers of
+  # (d_in + 1 + d_out) read off the kernels (dense and conv layers only).
+  analytic_state: bool = True
+  # The statistics from the first stats_batch examples (None: all).
+  stats_batch: int | None = None
   i: int = 0
 
   def next_batch(self):
@@ -106,9 +114,43 @@ def make_problem(name: str, quick: bool, seed: int = 0) -> Problem:
 
     desc = (f"CNN conv{channels[0]}-pool-conv{channels[1]}-pool-dense{hidden}-"
             f"dense10 on 28x28x1 (softmax CE), batch {batch}")
+  elif name == "transformer":
+    return _transformer(quick, key_p, key_x, key_y)
   else:
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}.")
   params = model.init(key_p, x[0, :1])["params"]
   return Problem(name, desc, model, loss_fn, params,
                  [x[i] for i in range(N_BATCHES)], [y[i] for i in range(N_BATCHES)],
                  batch)
+
+
+def _transformer(quick: bool, key_p, key_x, key_y) -> Problem:
+  """The char GPT at ``examples/transformer_lm.py``'s defaults (``quick``: its
+  ``--small``) on random characters of its 63-letter vocabulary, with the
+  capture's layer views (the scanned blocks and bias-free attention need
+  them)."""
+  import eva_optax  # pylint: disable=g-import-not-at-top
+  from . import add_examples_to_path  # pylint: disable=g-import-not-at-top
+  add_examples_to_path()
+  import transformer_lm  # pylint: disable=g-import-not-at-top
+  from char_gpt import CharGPT, lm_loss  # pylint: disable=g-import-not-at-top
+  ex = transformer_lm.parser().parse_args([])
+  if quick:
+    for k, v in transformer_lm.SMALL.items():
+      setattr(ex, k, v)
+  vocab = 63   # the King James Bible's characters
+  model = CharGPT(vocab=vocab, context=ex.context, width=ex.width,
+                  layers=ex.layers, heads=ex.heads, tie=ex.tie, scan=ex.scan)
+  batch = ex.batch_size
+  x = jax.random.randint(key_x, (N_BATCHES, batch, ex.context), 0, vocab)
+  y = jax.random.randint(key_y, (N_BATCHES, batch, ex.context), 0, vocab)
+  loss_fn = lm_loss(model)
+  params = jax.jit(model.init)(key_p, x[0, :1])["params"]
+  views = eva_optax.layer_views(loss_fn, params, x[0], y[0])
+  desc = (f"char GPT, {ex.layers} blocks (nn.scan={ex.scan}), width "
+          f"{ex.width}, {ex.heads} heads, context {ex.context}, vocabulary "
+          f"{vocab} (softmax CE), batch {batch}")
+  return Problem("transformer", desc, model, loss_fn, params,
+                 [x[i] for i in range(N_BATCHES)],
+                 [y[i] for i in range(N_BATCHES)], batch,
+                 options={"layer_views": views}, analytic_state=False)

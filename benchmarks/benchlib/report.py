@@ -35,13 +35,35 @@ def model_table(res: dict[str, Any]) -> str:
   return "\n".join(rows)
 
 
-def breakdown_table(bd: dict[str, Any], ref: dict[str, Any]) -> str:
-  rows = ["| piece | ms (median over rounds) | / SGD full step | CPU ms | "
-          "round spread |", "|---|---:|---:|---:|---:|"]
+def breakdown_table(bd: dict[str, Any], ref: dict[str, Any],
+                    adam_update: dict[str, Any] | None = None) -> str:
+  """One row per piece; ``/ Adam's update+apply`` for the update pieces."""
+  rows = ["| piece | ms (median over rounds) | / SGD full step | "
+          "/ Adam's update+apply | CPU ms | round spread |",
+          "|---|---:|---:|---:|---:|---:|"]
   for name, r in bd.items():
+    vs_adam = ("-" if adam_update is None or not name.startswith("update")
+               else f"{timing.paired_ratio(r, adam_update):.3f}")
     rows.append(f"| {name} | {1e3 * r['step_s']:.2f} | "
-                f"{timing.paired_ratio(r, ref):.3f} | "
+                f"{timing.paired_ratio(r, ref):.3f} | {vs_adam} | "
                 f"{1e3 * r['cpu_s']:.2f} | {100 * r['round_spread']:.0f}% |")
+  return "\n".join(rows)
+
+
+def summary_table(all_res: dict[str, Any]) -> str:
+  """Per model: Eva's and Eva-f's update+apply over Adam's, and their full
+  steps over SGD's (paired ratios of this run)."""
+  rows = ["| model | Eva update+apply / Adam's | Eva-f update+apply / Adam's "
+          "| Eva step / SGD's | Eva-f step / SGD's |",
+          "|---|---:|---:|---:|---:|"]
+  for name, res in all_res["models"].items():
+    upd = res.get("update_vs_adam") or {}
+    opt = res["optimizers"]
+    rows.append(
+        f"| {name} (batch {res['batch']}) | {fmt_ratio(upd.get('eva'))} | "
+        f"{fmt_ratio(upd.get('eva_f'))} | "
+        f"{fmt_ratio(opt.get('eva', {}).get('ratio_vs_sgd'))} | "
+        f"{fmt_ratio(opt.get('eva_f', {}).get('ratio_vs_sgd'))} |")
   return "\n".join(rows)
 
 
@@ -81,9 +103,19 @@ def print_report(all_res: dict[str, Any]) -> None:
       print()
       print("\n".join(notes))
     if "breakdown" in res:
-      sgd_full = res["breakdown"]["full step: SGD-momentum"]
-      print("\nBreakdown (same process, interleaved):\n")
-      print(breakdown_table(res["breakdown"], sgd_full))
+      bd = res["breakdown"]
+      sgd_full = bd["full step: SGD-momentum"]
+      print("\nBreakdown (same process, interleaved; update+apply alone on "
+            "fixed gradients and statistics, donated):\n")
+      print(breakdown_table(bd, sgd_full, bd.get("update+apply: Adam")))
+      upd = res.get("update_vs_adam") or {}
+      if upd:
+        print("\nupdate+apply / Adam's update+apply (paired): " + ", ".join(
+            f"{res['optimizers'][n]['label'] if n in res['optimizers'] else n}"
+            f" {v:.3f}" for n, v in upd.items() if n != "adam"))
+  if any("breakdown" in r for r in all_res["models"].values()):
+    print("\n### Eva's and Eva-f's cost against Adam's and SGD's\n")
+    print(summary_table(all_res))
   aliased = sorted({n for res in all_res["models"].values()
                     for n, r in res["optimizers"].items()
                     if r["init_state_aliased_leaves"]})

@@ -90,7 +90,7 @@ class StepRunner(Runner):
   def __init__(self, spec: optimizers.OptSpec, problem: problems.Problem):
     self.spec = spec
     self.problem = problem
-    self.tx = spec.factory(spec.lr)
+    self.tx = spec.factory(spec.lr, **problem.options)
     self.params = copy_tree(problem.params)
     opt_state = self.tx.init(self.params)
     # Donation needs distinct buffers; an init that reuses one array for
@@ -102,7 +102,7 @@ class StepRunner(Runner):
     self.state_numbers = int(optax.tree.size(self.opt_state))
     self.state_integer_numbers = integer_numbers(self.opt_state)
     self.step = optimizers.make_step(self.tx, problem.loss_fn,
-                                     spec.statistics)
+                                     spec.statistics, problem.stats_batch)
     self.loss = float("nan")
     super().__init__(spec.name, self._call, spec.period)
 

@@ -177,14 +177,16 @@ def test_transformer_quick(tmp_path):
 def test_explore_quick(tmp_path):
   stdout = _smoke(tmp_path, "--explore", "--explore-rows", "eva_f,foof+adaptive",
                   "--grid", "curvature_batch=all,500", "--grid", "adapt_every=5",
-                  "--grid", "inverse_every=1", "--grid", "stats_batch=all",
+                  "--grid", "inverse_every=1", "--stats-batch", "500",
                   "--target", "0.209",
                   "--baseline-epochs", "1")
   with open(tmp_path / "time_to_quality_explore.json") as f:
     saved = json.load(f)
   shorts = [r["short"] for r in saved["runs"]]
   assert [r["row"] for r in saved["runs"]] == ["eva_f"] + ["foof+adaptive"] * 2
-  assert "curvature_batch=500 adapt_every=5 inverse_every=1 stats_every=1" in shorts[2]
+  assert shorts[0] == "stats_batch=500 stats_every=1"
+  assert shorts[2] == ("stats_batch=500 curvature_batch=500 adapt_every=5 "
+                       "inverse_every=1 stats_every=1")
   for r in saved["runs"]:
     assert r["step_ratio_vs_sgd"] > 0 and len(r["evals"]) == 2   # 2 steps
     assert (r["reach"] is None) == (r["cost_vs_baseline"] is None)

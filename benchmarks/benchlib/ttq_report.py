@@ -120,10 +120,22 @@ def _under_load(rec) -> bool:
   return not rec.get("step_ratio_timing", {}).get("quiet", True)
 
 
+def show(setting: str, value) -> str:
+  """As ``ttq_rows.show`` (this module reads records without the library)."""
+  if value is None:
+    return "all" if setting.endswith("batch") else "none"
+  return str(value)
+
+
+# The settings a row shows only when it differs from these.
+DEFAULT_SETTINGS = {"stats_batch": None, "curvature_batch": None,
+                    "adapt_every": 5, "inverse_every": 10, "stats_every": 1}
+
+
 def _settings(rec) -> str:
   s = rec.get("settings") or {}
-  return ", ".join(f"{_SHORT[k]} {'all' if v is None else v}"
-                   for k, v in s.items()) or "-"
+  return ", ".join(f"{_SHORT[k]} {show(k, v)}" for k, v in s.items()
+                   if v != DEFAULT_SETTINGS[k]) or "-"
 
 
 def _digits(record) -> int:
@@ -169,6 +181,15 @@ def markdown_table(record: dict[str, Any]) -> str:
   return "\n".join(lines) + ("\n\n" + text if text else "")
 
 
+def reference_curve(record: dict[str, Any]) -> dict[str, Any] | None:
+  """The outside method's reported losses per epoch, if the record has one."""
+  return record.get("reference_curve") or (
+      {"label": "kfac-jax adaptive K-FAC (issue 10)",
+       "losses": list(record["kfac_jax_adaptive"].values()),
+       "note": "at 3.6-6x an SGD step"}
+      if record.get("kfac_jax_adaptive") else None)
+
+
 def notes(record: dict[str, Any]) -> list[str]:
   """The sentences under the table: the cost's definition, the load, the
   outside reference."""
@@ -183,6 +204,11 @@ def notes(record: dict[str, Any]) -> list[str]:
         f"relative to SGD's, over {b}'s same product."
         + (" `<=`: reached at the first evaluation, and this record has no "
            "epoch-0 loss to interpolate from: at most this." if bound else ""))
+  if any("settings" in r for r in runs.values()):
+    out.append("Settings: where the column shows none, the statistics and the "
+               "curvature products use the whole batch, the "
+               "Levenberg-Marquardt rule runs every 5 steps, inverses are "
+               "refreshed every 10 steps and statistics taken every step.")
   timed = [r for r in runs.values() if "step_ratio_timing" in r]
   if timed:
     t = timed[0]["step_ratio_timing"]["max_load"]
@@ -201,11 +227,7 @@ def notes(record: dict[str, Any]) -> list[str]:
                  f"{min(loads):.1f} to {max(loads):.1f} at the rows' ends, on "
                  f"{provenance.summary(record)['device'].get('cpu_count', '?')}"
                  " cores).")
-  ref = record.get("reference_curve") or (
-      {"label": "kfac-jax adaptive K-FAC (issue 10)",
-       "losses": list(record["kfac_jax_adaptive"].values()),
-       "note": "at 3.6-6x an SGD step"}
-      if record.get("kfac_jax_adaptive") else None)
+  ref = reference_curve(record)
   if ref:
     out.append(f"{ref['label']}, for reference, "
                f"{metric(record)['label']} after epochs "
@@ -220,6 +242,7 @@ def make_record(runs, sweeps, args, task, argv, *, script: str
   """The JSON record: runs, sweeps, config, reach and cost, table,
   provenance."""
   record = {"benchmark": "time_to_quality", "task": task.name,
+            "title": task.title,
             "provenance": provenance.collect(
                 None if argv is None else [script] + list(argv)),
             "metric": {"key": task.metric, "label": task.metric_label,
@@ -259,12 +282,13 @@ def plot(record: dict[str, Any], path: str) -> str:
   for row, rec in record["runs"].items():
     kw = dict(style.of(row.replace("gradient", "sgd")), markersize=4,
               label=rec["label"], linewidth=1.6 if "+" in row else 1.0)
-    xs = [e["epoch"] for e in rec["evals"]]
-    ys = [e[m["key"]] for e in rec["evals"]]
+    start = [(0.0, rec["initial_loss"])] if "initial_loss" in rec else []
+    xs, ys = zip(*(start + [(e["epoch"], e[m["key"]]) for e in rec["evals"]]))
     axes[0].plot(xs, ys, **kw)
-    if rec.get("step_ratio_vs_sgd"):
-      axes[1].plot([x * rec["step_ratio_vs_sgd"] for x in xs], ys, **kw)
-  ref = record.get("reference_curve")
+    if rec.get("step_ratio_vs_sgd"):   # log axis: from the first evaluation
+      axes[1].plot([x * rec["step_ratio_vs_sgd"] for x in xs[len(start):]],
+                   ys[len(start):], **kw)
+  ref = reference_curve(record)
   if ref:
     axes[0].plot(range(1, len(ref["losses"]) + 1), ref["losses"], "kx",
                  markersize=8, label=ref["label"])
@@ -282,10 +306,12 @@ def plot(record: dict[str, Any], path: str) -> str:
     ax.grid(True, alpha=0.3)
   axes[0].set_xlabel("epoch")
   style.integer_ticks(axes[0].xaxis)
-  axes[1].set_xlabel("cost: epochs x step time / SGD's (SGD-epochs)")
-  axes[0].legend(fontsize=7, ncol=2)
-  fig.suptitle(record["config"].get("description", "time to quality")
-               + " (dashed: adaptive)", fontsize=9)
+  axes[1].set_xscale("log")
+  axes[1].set_xlabel("cost: epochs x step time / SGD's (SGD-epochs, log)")
+  axes[0].legend(fontsize=7, ncol=2, loc="best")
+  fig.suptitle(record.get("title", "Fashion-MNIST deep autoencoder: time to "
+                                  "quality") + " (dashed: adaptive)",
+               fontsize=10)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

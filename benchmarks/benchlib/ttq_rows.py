@@ -97,8 +97,14 @@ class RowConfig:
 
   def short(self) -> str:
     """``stats_batch=all adapt_every=5``: the settings, for logs and tables."""
-    return " ".join(f"{k}={'all' if v is None else v}"
-                    for k, v in self.settings().items())
+    return " ".join(f"{k}={show(k, v)}" for k, v in self.settings().items())
+
+
+def show(setting: str, value: int | None) -> str:
+  """A setting's value in words: None is the whole batch, or no adaptation."""
+  if value is None:
+    return "all" if setting.endswith("batch") else "none"
+  return str(value)
 
 
 def applies(row: str, setting: str) -> bool:

@@ -111,7 +111,7 @@ def parser(description: str) -> argparse.ArgumentParser:
                  "run each and print each one's cost to reach the target "
                  "(benchlib/ttq_explore.py)")
   g.add_argument("--explore-rows",
-                 default="foof+adaptive,eva_f,kfac,eva_f+adaptive,kfac+adaptive",
+                 default="foof+adaptive,eva_f,kfac,eva_f+adaptive",
                  help="the rows whose settings are explored")
   g.add_argument("--grid", action="append", default=[],
                  metavar="SETTING=V1,V2",

@@ -252,7 +252,8 @@ def make_record(runs, sweeps, args, task, argv, *, script: str
             "targets": {f"{t:g}": w for t, w in task.targets.items()},
             "reference_curve": task.reference_curve}
   config = {k: v for k, v in vars(args).items()
-            if k not in ("out", "settings") and not k.startswith(("explore",))}
+            if k not in ("out", "settings", "grid", "target", "baseline_epochs")
+            and not k.startswith("explore")}
   config.update(epochs=task.epochs, task=task.name, description=task.description,
                 row_settings=args.settings, **task.config,
                 fixed_rows={"momentum": "0.9 (Adam: none)",

@@ -73,7 +73,9 @@ def parser(description: str) -> argparse.ArgumentParser:
   p.add_argument("--direction-damping", type=float, default=0.03,
                  help="adaptive: the direction's own damping gamma")
   p.add_argument("--ratio-rounds", type=int, default=3,
-                 help="interleaved rounds for the step-time ratios")
+                 help="interleaved rounds for the step-time ratios (fewer when "
+                 "a row's period makes a round longer than --ratio-steps: "
+                 "about rounds x steps steps are timed, at least one period)")
   p.add_argument("--ratio-steps", type=int, default=10,
                  help="steps per round for the step-time ratios (rounded up "
                  "to a multiple of the row's refresh, adaptation and capture "

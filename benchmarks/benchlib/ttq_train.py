@@ -185,17 +185,17 @@ def step_ratio(run, reference, rounds: int, steps: int,
   a multiple of its period holds its share of refreshes, adaptations and
   captures."""
 
-  def timed(run):
+  def timed(run, n=steps):
     step_at, p, s, k0 = run
     t = time.perf_counter()
-    for k in range(k0, k0 + steps):
+    for k in range(k0, k0 + n):
       p, s, _ = step_at(k)(p, s, task.data, jnp.int32(task.batch_index(k)))
     jax.block_until_ready(p)
-    return time.perf_counter() - t, (step_at, p, s, k0 + steps)
+    return time.perf_counter() - t, (step_at, p, s, k0 + n)
 
   run = (run[0], copy(run[1]), copy(run[2]), run[3])
   ref = (reference[0], copy(reference[1]), copy(reference[2]), reference[3])
-  _, ref = timed(ref)   # its first call after a while: not counted
+  _, ref = timed(ref, 2)   # its first calls after a while: not counted
   ratios, sgd_s = [], []
   for _ in range(rounds):
     t_sgd, ref = timed(ref)
@@ -215,11 +215,14 @@ def timed_ratio(rec: dict[str, Any], cfg: ttq_rows.RowConfig, reference,
   if reference is None:
     rec["step_ratio_vs_sgd"] = None
     return
+  # Windows of whole periods; fewer rounds of a long period, so that about
+  # --ratio-rounds x --ratio-steps steps are timed (at least one period).
   steps = -(-args.ratio_steps // cfg.period) * cfg.period
+  rounds = max(1, -(-args.ratio_rounds * args.ratio_steps // steps))
 
   def measure():
     with HangGuard(args.hang_timeout):
-      return step_ratio(run, reference, args.ratio_rounds, steps, task)
+      return step_ratio(run, reference, rounds, steps, task)
 
   result, timing = loadavg.when_quiet(measure, args.max_load,
                                       args.load_retries, args.load_wait,

@@ -105,14 +105,17 @@ def _lr(row, args, task, record):
 
 
 def table(result: dict[str, Any]) -> str:
-  """The exploration's table, cheapest first."""
+  """The exploration's table, cheapest first (then, among the settings that
+  do not reach the target, the lowest final loss first)."""
   b = result["baseline"]
   head = ["row", "settings", "lr", f"loss at epoch {result['epochs']:g}",
           "step / SGD", f"reaches {b['target']:.4g}: epoch",
           "cost (SGD-epochs)", f"cost relative to {b['label']}'s"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  last = lambda r: r["evals"][-1][result["metric"]] if r["evals"] else 1e30
   order = sorted(result["runs"], key=lambda r: (r["cost_sgd_epochs"] is None,
-                                                r["cost_sgd_epochs"] or 0))
+                                                r["cost_sgd_epochs"] or 0,
+                                                last(r)))
   for r in order:
     ratio, c = r["step_ratio_vs_sgd"], r["cost_sgd_epochs"]
     rel = r["cost_vs_baseline"]

@@ -242,7 +242,7 @@ def run_child(args) -> dict[str, Any]:
       self.plan = plan_of(v)
       self.i = 0
       log(f"  {n} device(s) {v.label}: compiled in {c['total_s']:.1f} s "
-          f"({c['total_cpu_s']:.1f} s CPU, {c['hlo_lines']} HLO lines); "
+          f"({c['total_cpu_s']:.1f} s CPU, {c['hlo_instructions']} HLO instructions); "
           f"{self.work['step_bytes'] / 1e6:.3f} MB in collectives per step, "
           f"{self.work['cond_result_bytes'] / 1e6:.3f} MB per refresh; refresh "
           f"{self.work['lapack_flops_max'] / 1e9:.3f} GFLOP on the busiest device "
@@ -372,10 +372,10 @@ def summarize(runs: list[dict[str, Any]], widths, args) -> dict[str, Any]:
           "refresh_matrices_per_device": w["lapack_calls_per_device"],
           "work_notes": w["notes"],
           "compile_s": comp["total_s"], "compile_cpu_s": comp["total_cpu_s"],
-          "hlo_lines": comp["hlo_lines"],
+          "hlo_instructions": comp["hlo_instructions"],
           "compile_cpu_vs_adam": (comp["total_cpu_s"] / adam["compile"]["total_cpu_s"]
                                   if adam else None),
-          "hlo_lines_vs_adam": (comp["hlo_lines"] / adam["compile"]["hlo_lines"]
+          "hlo_instructions_vs_adam": (comp["hlo_instructions"] / adam["compile"]["hlo_instructions"]
                                 if adam else None),
           "vs_replicated": r["vs_replicated"],
           "plan_imbalance": (r["plan"] or {}).get("imbalance"),

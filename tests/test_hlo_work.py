@@ -94,10 +94,12 @@ def test_batched_and_triangular_solves():
   assert kinds["trsm"]["flops"] == pytest.approx(2 * 20 * 20 * 5)
 
 
-def test_hlo_lines_and_shapes():
+def test_hlo_instructions_and_shapes():
   assert hlo_work.shapes("(f32[2,3]{1,0}, s32[])") == [("f32", (2, 3)), ("s32", ())]
   assert hlo_work.nbytes("(f32[2,3]{1,0}, bf16[4])") == 24 + 8
-  assert hlo_work.hlo_lines("a\n\n b\n") == 2
+  text = "HloModule m\n\nFileNames\n1 \"f.py\"\n\nENTRY %main (x: f32[]) -> f32[] {\n" \
+         "  %x = f32[] parameter(0)\n  ROOT %y = f32[] add(%x, %x)\n}\n"
+  assert hlo_work.instructions(text) == 2
 
 
 # The split refresh's shape: a lax.cond on the step count around a lax.switch

@@ -178,7 +178,7 @@ def test_scaling_benchmark_quick(tmp_path):
   assert kfac["refresh_flops_per_device"] == [pytest.approx(full)] * 2
   for name, o in row["optimizers"].items():
     assert math.isfinite(o["ratio_vs_sgd"]) and o["ratio_vs_sgd"] > 0, name
-    assert o["compile_s"] > 0 and o["hlo_lines"] > 0, name
+    assert o["compile_s"] > 0 and o["hlo_instructions"] > 0, name
     assert o["step_bytes"] == o["bytes"], name       # no collective inside a loop
     if not o["split"]:
       assert o["nested_bytes"] == 0, name   # nothing communicated inside cond/while

@@ -771,10 +771,16 @@ def count(hlo: str, devices: int | None = None, keep_ops: bool = False) -> dict[
   return out
 
 
-def hlo_lines(text: str) -> int:
-  """Non-empty lines of an HLO (or StableHLO) text."""
-  return sum(1 for line in text.splitlines() if line.strip())
+_DEFINES = re.compile(r"^\s*(ROOT\s+)?%?[\w.\-#:]+\s*=\s*\S")
 
 
-__all__ = ["count", "parse_module", "shapes", "nbytes", "num_devices", "hlo_lines",
+def instructions(text: str) -> int:
+  """Lines of an HLO (or StableHLO) module that define a value: its instructions
+  (operations), not the metadata tables (``FileNames``, ``StackFrames``) or
+  the location aliases (``#loc12 = ...``) that the text also holds."""
+  return sum(1 for line in text.splitlines()
+             if not line.startswith("#") and _DEFINES.match(line))
+
+
+__all__ = ["count", "parse_module", "shapes", "nbytes", "num_devices", "instructions",
            "FLOP_MODELS", "Unknown"]

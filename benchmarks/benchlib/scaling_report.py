@@ -99,11 +99,11 @@ def report(summary: dict[str, Any]) -> str:
           "refresh's conditional, as gathered), the refresh's balance (max over mean "
           "of the busiest device's flops; the library's refresh_plan estimate in "
           "brackets), the step's compile time (lower + compile, CPU seconds) and "
-          "compiled HLO lines against Adam's, and a split method's largest parameter "
+          "compiled HLO instructions against Adam's, and a split method's largest parameter "
           "difference from the replicated run after the same steps, relative to the "
           "replicated run's change:", "",
           "| method | MB per step | MB per refresh | refresh max/mean | compile s "
-          "| / Adam's | HLO lines | / Adam's | split vs replicated |",
+          "| / Adam's | HLO instructions | / Adam's | split vs replicated |",
           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
   for n in names:
     o = last["optimizers"].get(n)
@@ -119,7 +119,7 @@ def report(summary: dict[str, Any]) -> str:
     out.append(
         f"| {labels[n]} | {step} | {_mb(o['refresh_gathered_bytes'])} | {balance} | "
         f"{o['compile_cpu_s']:.1f} | {_ratio(o['compile_cpu_vs_adam'])} | "
-        f"{o['hlo_lines']} | {_ratio(o['hlo_lines_vs_adam'])} | "
+        f"{o['hlo_instructions']} | {_ratio(o['hlo_instructions_vs_adam'])} | "
         + ("-" if not vs else f"{vs['relative']:.1e}") + " |")
 
   fl = summary["analytic_floats"]

@@ -188,6 +188,9 @@ def test_scaling_benchmark_quick(tmp_path):
     return
   assert split["step_bytes"] == kfac["step_bytes"]
   assert 0 < split["refresh_bytes"]
+  # refresh_plan's bytes received per device: (D - 1) of the D gathered buffers.
+  assert split["plan_bytes_per_refresh"] == split["refresh_gathered_bytes"] / 2
+  assert split["refresh_imbalance"] == pytest.approx(split["plan_imbalance"], rel=0.05)
   assert split["refresh_flops_max"] < full
   assert sum(split["refresh_flops_per_device"]) == pytest.approx(full)
   assert split["vs_replicated"]["relative"] < 1e-4, split["vs_replicated"]

@@ -160,6 +160,10 @@ def test_scaling_benchmark_quick(tmp_path):
   record = json.loads(out.read_text())
   assert (tmp_path / "scaling.png").stat().st_size > 0
   assert record["provenance"]["versions"]["jax"]
+  # docs/devices.md's renderer gives the tables the script printed.
+  sys.path.insert(0, str(REPO_ROOT / "examples"))
+  import readme_tables  # pylint: disable=g-import-not-at-top
+  assert readme_tables.render_scaling(record) == record["table"]
   summary = record["summary"]
   (row,) = summary["rows"]
   floats = summary["analytic_floats"]

@@ -222,12 +222,17 @@ def plot(summary: dict[str, Any], path: str) -> None:
       xs, ys = [], []
       for r in many:
         if n in r["optimizers"]:
-          extra = r["optimizers"][n]["step_bytes"] - r["optimizers"]["sgd"]["step_bytes"]
-          if extra > 0:
+          o = r["optimizers"][n]
+          # Split: what the refresh gathers (its per-step traffic is the
+          # replicated twin's); the others: their extra per step over SGD's.
+          b = (o["refresh_gathered_bytes"] if o["split"]
+               else o["step_bytes"] - r["optimizers"]["sgd"]["step_bytes"])
+          if b > 0:
             xs.append(r["devices"])
-            ys.append(extra / 1e6)
+            ys.append(b / 1e6)
       if xs:
-        a_bytes.plot(xs, ys, label=labels[n], **style_of(n))
+        a_bytes.plot(xs, ys, label=labels[n] + (" (per refresh)" if o["split"] else ""),
+                     **style_of(n))
     a_bytes.plot([r["devices"] for r in many],
                  [r["optimizers"]["sgd"]["step_bytes"] / 1e6 for r in many],
                  label="SGD (total)", **style.of("sgd"))
@@ -235,7 +240,8 @@ def plot(summary: dict[str, Any], path: str) -> None:
   else:
     a_bytes.text(0.5, 0.5, "no collectives on one device", ha="center",
                  transform=a_bytes.transAxes)
-  a_bytes.set_ylabel(f"MB in collectives per step (extra over SGD; k={max(ks)})")
+  a_bytes.set_ylabel(f"MB in collectives: per step, extra over SGD's\n"
+                     f"(split, dashed: per refresh, gathered; k={max(ks)})")
   for ax in axes.flat:
     ax.set_xscale("log", base=2)
     ax.set_xticks(devs)

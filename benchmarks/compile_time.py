@@ -249,6 +249,7 @@ def measure_item(model: str, item: str, args) -> dict[str, Any]:
   return out
 
 
+COUNTS = ("hlo_instructions", "stablehlo_ops")   # the same every compile
 KEYS = ("total_cpu_s", "total_s", "lower_cpu_s", "lower_s", "compile_cpu_s", "compile_s",
         "hlo_instructions", "stablehlo_ops")
 
@@ -262,7 +263,9 @@ def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
       m["items"][r["item"]] = {"failed": r["failed"]}
       continue
     m["description"] = r["description"]
-    m["items"][r["item"]] = {k: statistics.median(x[k] for x in r["runs"]) for k in KEYS}
+    m["items"][r["item"]] = {
+        k: (statistics.median_low if k in COUNTS else statistics.median)(
+            [x[k] for x in r["runs"]]) for k in KEYS}
     m["items"][r["item"]]["repeats"] = len(r["runs"])
     if r.get("sources"):
       m["items"][r["item"]]["sources"] = r["sources"]

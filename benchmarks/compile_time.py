@@ -31,7 +31,7 @@ small warm-up compile, so that no measurement inherits another's caches.
 
 Usage::
 
-  python benchmarks/compile_time.py              # both models (~25 min, 2 cores)
+  python benchmarks/compile_time.py              # both models (~10-15 min, 2 quiet cores)
   python benchmarks/compile_time.py --quick      # smoke test: tiny models, 1 compile each
   python benchmarks/compile_time.py --models transformer --optimizers adam,eva,kfac
 

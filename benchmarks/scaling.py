@@ -48,7 +48,7 @@ still run; the script then exits with status 1.
 
 Usage::
 
-  python benchmarks/scaling.py                 # everything (~40 min, 2 quiet cores)
+  python benchmarks/scaling.py                 # everything (~40-50 min, 2 quiet cores)
   python benchmarks/scaling.py --quick         # smoke test: tiny model, 1 and 2 devices
   python benchmarks/scaling.py --devices 1,8 --optimizers sgd,kfac --inverse-every 10
 
@@ -420,7 +420,7 @@ def parser() -> argparse.ArgumentParser:
                   help="PNG output (default: next to --out; '' for none)")
   ap.add_argument("--hang-timeout", type=float, default=600.0,
                   help="abort a child if one call runs longer (s; 0 disables)")
-  ap.add_argument("--child-timeout", type=float, default=3600.0,
+  ap.add_argument("--child-timeout", type=float, default=7200.0,
                   help="seconds allowed for one device count's process")
   ap.add_argument("--child", type=int, default=None,
                   help="internal: run one device count in this process")

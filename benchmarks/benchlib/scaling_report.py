@@ -120,7 +120,8 @@ def report(summary: dict[str, Any]) -> str:
         f"| {labels[n]} | {step} | {_mb(o['refresh_gathered_bytes'])} | {balance} | "
         f"{o['compile_cpu_s']:.1f} | {_ratio(o['compile_cpu_vs_adam'])} | "
         f"{o['hlo_instructions']} | {_ratio(o['hlo_instructions_vs_adam'])} | "
-        + ("-" if not vs else f"{vs['relative']:.1e}") + " |")
+        + ("-" if not vs else "0 (bit for bit)" if vs["relative"] == 0
+           else f"{vs['relative']:.1e}") + " |")
 
   fl = summary["analytic_floats"]
   out += ["", f"Analytic floats over the {fl['layers']} layers: gradient + loss "

@@ -103,6 +103,10 @@ class LinearCall:
     return side_from_rows(self._rows(x, self.x_batch, self.x_in), mode,
                           bias=self.has_bias)
 
+  def example_axis(self, t: Array, side: str) -> int | None:
+    batch = self.x_batch if side == "u" else self.y_batch
+    return batch[0] if batch else None
+
   def w_side(self, ct: Array, mode: str) -> dict[str, Array]:
     return side_from_rows(self._rows(ct, self.y_batch, self.y_out), mode)
 
@@ -183,6 +187,10 @@ class ConvCall:
       out["r"] = flat
     return out
 
+  def example_axis(self, t: Array, side: str) -> int | None:
+    del side
+    return 0 if t.ndim > len(self.kernel_size) + 1 else None
+
   def w_side(self, ct: Array, mode: str) -> dict[str, Array]:
     n_batch = max(ct.ndim - (len(self.kernel_size) + 1), 0)
     lead = ct.shape[:n_batch]
@@ -218,6 +226,10 @@ class LookupCall:
     return side_from_rows(LinearCall._rows(
         ct, tuple(range(ct.ndim - 1)), (ct.ndim - 1,)), mode)
 
+  def example_axis(self, t: Array, side: str) -> int | None:
+    # ids (u side): every axis is a row axis; dL/dy (w side): all but features.
+    return 0 if t.ndim >= (1 if side == "u" else 2) else None
+
 
 @dataclasses.dataclass(frozen=True)
 class AttendCall:
@@ -236,6 +248,48 @@ class AttendCall:
   def w_side(self, query: Array, mode: str) -> dict[str, Array]:
     return side_from_rows(LinearCall._rows(
         query, tuple(range(query.ndim - 1)), (query.ndim - 1,)), mode)
+
+  def example_axis(self, t: Array, side: str) -> int | None:
+    del side
+    return 0 if t.ndim >= 2 else None
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstExamples:
+  """A call whose statistics come from the first ``m`` examples only
+  (``value_and_grad(..., stats_batch=m)``): both sides of every row sum are
+  taken over the first ``m`` entries of the call's example axis (the leading
+  axis of its input and of its output gradient, for batch-first models), so
+  the statistics are exactly those of those examples, each row keeping the
+  ``1/B`` of the whole batch's mean loss; the gradient is untouched."""
+
+  call: Any
+  m: int
+
+  @property
+  def u_from_output(self) -> bool:
+    return self.call.u_from_output
+
+  def first(self, t: Array, side: str) -> Array:
+    axis = self.call.example_axis(t, side)
+    if axis is None:
+      raise ValueError(
+          f"stats_batch: a {type(self.call).__name__} call whose "
+          f"{'input' if side == 'u' else 'output gradient'} has shape "
+          f"{tuple(t.shape)} has no example axis to take the first "
+          f"{self.m} from (inside jax.vmap the examples are mapped away).")
+    return jax.lax.slice_in_dim(t, 0, min(self.m, t.shape[axis]), axis=axis)
+
+  def check(self, x: Array, y: Array) -> None:
+    """Raises the ValueError of :meth:`first` for a call it cannot cut."""
+    u, w = (y, x) if self.u_from_output else (x, y)
+    jax.eval_shape(lambda a, b: (self.first(a, "u"), self.first(b, "w")), u, w)
+
+  def u_side(self, t: Array, mode: str) -> dict[str, Array]:
+    return self.call.u_side(self.first(t, "u"), mode)
+
+  def w_side(self, t: Array, mode: str) -> dict[str, Array]:
+    return self.call.w_side(self.first(t, "w"), mode)
 
 
 _U_KEYS = {"s": "a", "n": "n_a", "F": "A", "m": "m_a", "r": "a_rows"}

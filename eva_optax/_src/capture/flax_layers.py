@@ -169,6 +169,10 @@ def einsum(equation: str, x, kernel_shape, use_bias: bool
 
 def rows_of(call: Any, x) -> int:
   """Rows one call contributes (for the diagnostic ``"rows"`` mode)."""
+  if isinstance(call, calls.FirstExamples):
+    import jax  # pylint: disable=g-import-not-at-top
+    side = "w" if call.u_from_output else "u"
+    return rows_of(call.call, jax.eval_shape(lambda t: call.first(t, side), x))
   if isinstance(call, calls.LinearCall):
     return int(np.prod([x.shape[a] for a in call.x_batch]))
   if isinstance(call, calls.ConvCall):

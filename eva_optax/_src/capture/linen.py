@@ -174,9 +174,13 @@ def _capturing(session: tap.Session):
     _SESSION.reset(token)
 
 
-def check_statistics(statistics: str) -> None:
+def check_statistics(statistics: str, stats_batch: Any = None) -> None:
   if statistics not in STATISTICS:
     raise ValueError(f"statistics must be one of {STATISTICS}, got {statistics!r}.")
+  if stats_batch is not None and (isinstance(stats_batch, bool) or not isinstance(
+      stats_batch, int) or stats_batch < 1):
+    raise ValueError(f"stats_batch must be None or a whole number of examples "
+                     f">= 1, got stats_batch={stats_batch!r}.")
 
 
 def split_dynamic(tree: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
@@ -227,7 +231,8 @@ def masks_and_outputs(tree: Any, ids: dict, in_probe) -> tuple[list[int], dict]:
 
 
 def discover(run: Callable[..., Any], params: Any, mode: str, args: tuple = (),
-             kwargs: dict | None = None) -> tuple[dict[int, tap.NodeRecord], dict]:
+             kwargs: dict | None = None, stats_batch: int | None = None
+             ) -> tuple[dict[int, tap.NodeRecord], dict]:
   """The shape-only pass, with the completeness check: ``(records by node id,
   node id by path)``. ``run(params, *args, **kwargs)`` returns the loss."""
   nodes = tree_utils.find_layers(params)
@@ -239,7 +244,8 @@ def discover(run: Callable[..., Any], params: Any, mode: str, args: tuple = (),
 
   def loss(p, dyn):
     a, kw = rebuild(dyn)
-    with _capturing(tap.Session(records, mode, discovery=True)), \
+    with _capturing(tap.Session(records, mode, discovery=True,
+                                stats_batch=stats_batch)), \
         warnings.catch_warnings():
       # A probe in a node that no linen layer reads (an NNX layer inside
       # nnx.bridge.ToLinen) is unknown state to Flax, which warns.
@@ -275,7 +281,8 @@ def collect(records, ids, probe_grads, mode, axis_name) -> dict:
 
 def value_and_grad(fun: Callable[..., Any], has_aux: bool = False, *,
                    statistics: str = "vectors",
-                   axis_name: str | tuple[str, ...] | None = None
+                   axis_name: str | tuple[str, ...] | None = None,
+                   stats_batch: int | None = None,
                    ) -> Callable[..., Any]:
   """Like :func:`jax.value_and_grad`, plus per-layer statistics for Eva & co.
 
@@ -345,7 +352,7 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False, *,
     ICLR 2023, and its journal version "Eva: A General Vectorized Approximation
     Framework for Second-order Optimization".
   """
-  check_statistics(statistics)
+  check_statistics(statistics, stats_batch)
 
   def run(p, *args, **kwargs):
     out = fun(p, *args, **kwargs)
@@ -358,14 +365,15 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False, *,
 
   def grad_fn(params, *args, **kwargs):
     records, ids = discover(lambda p, *a, **kw: run(p, *a, **kw)[0], params,
-                            statistics, args, kwargs)
+                            statistics, args, kwargs, stats_batch)
     augmented = tree_utils.with_probes(params, probes_for(records, ids, statistics))
     if axis_name is not None:
       augmented = tap.vary_like(augmented, frozenset(
           axis_name if isinstance(axis_name, tuple) else (axis_name,)))
 
     def wrapped(p):
-      with _capturing(tap.Session(records, statistics, discovery=False)):
+      with _capturing(tap.Session(records, statistics, discovery=False,
+                                  stats_batch=stats_batch)):
         loss, aux = run(p, *args, **kwargs)
       return loss, aux
 

@@ -180,7 +180,8 @@ def _capturing(session: tap.Session):
     _SESSION.reset(token)
 
 
-def _discover(loss_fn, has_aux, statistics, model, args, kwargs):
+def _discover(loss_fn, has_aux, statistics, model, args, kwargs,
+              stats_batch=None):
   """The shape-only pass with the completeness check, on an abstract copy of
   the model whose layer modules carry copies of their parameters."""
   modules = _layer_modules(model)
@@ -213,7 +214,8 @@ def _discover(loss_fn, has_aux, statistics, model, args, kwargs):
     model = nnx.merge(graphdef, p, r)
 
     def loss(m):
-      with _capturing(tap.Session(records, statistics, discovery=True)):
+      with _capturing(tap.Session(records, statistics, discovery=True,
+                                  stats_batch=stats_batch)):
         out = loss_fn(m, *a, **kw)
       return out[0] if has_aux else out
 
@@ -232,7 +234,8 @@ def _discover(loss_fn, has_aux, statistics, model, args, kwargs):
 
 
 def value_and_grad(loss_fn: Callable[..., Any], has_aux: bool = False, *,
-                   statistics: str = "vectors") -> Callable[..., Any]:
+                   statistics: str = "vectors",
+                   stats_batch: int | None = None) -> Callable[..., Any]:
   """Like :func:`flax.nnx.value_and_grad`, plus per-layer statistics for Eva & co.
 
   ``loss_fn(model, *args, **kwargs)`` returns a scalar loss (or ``(loss, aux)``
@@ -249,6 +252,8 @@ def value_and_grad(loss_fn: Callable[..., Any], has_aux: bool = False, *,
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     statistics: ``"vectors"``, ``"factors"`` or ``"rows"`` (as
       :func:`eva_optax.value_and_grad`).
+    stats_batch: the statistics from the first ``stats_batch`` examples only
+      (as :func:`eva_optax.value_and_grad`).
 
   Returns:
     A function ``(model, *args, **kwargs) -> (value, grads, stats)``: ``value``
@@ -274,12 +279,12 @@ def value_and_grad(loss_fn: Callable[..., Any], has_aux: bool = False, *,
     Kronecker-vectorized Approximation <https://openreview.net/forum?id=_Mic8V96Voy>`_,
     ICLR 2023.
   """
-  linen_capture.check_statistics(statistics)
+  linen_capture.check_statistics(statistics, stats_batch)
   install()
 
   def grad_fn(model, *args, **kwargs):
     records, ids, params = _discover(loss_fn, has_aux, statistics, model, args,
-                                     kwargs)
+                                     kwargs, stats_batch)
     modules = _layer_modules(model)
     nodes = tree_utils.find_layers(params)
 
@@ -288,7 +293,8 @@ def value_and_grad(loss_fn: Callable[..., Any], has_aux: bool = False, *,
                                                              statistics))
               for path in nodes if records[ids[path]].captured}
     with _attached(modules, probes), _capturing(
-        tap.Session(records, statistics, discovery=False)):
+        tap.Session(records, statistics, discovery=False,
+                    stats_batch=stats_batch)):
       value, grads = nnx.value_and_grad(loss_fn, has_aux=has_aux)(
           model, *args, **kwargs)
     grads, probe_grads = _split_probes(grads)

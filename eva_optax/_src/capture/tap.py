@@ -184,13 +184,20 @@ def finalize(record: NodeRecord, probe_grad: dict[str, Array] | None,
 class Session:
   """The state of one pass over ``fun``, shared by the backends' interceptors."""
 
-  def __init__(self, records: dict[int, NodeRecord], mode: str, discovery: bool):
+  def __init__(self, records: dict[int, NodeRecord], mode: str, discovery: bool,
+               stats_batch: int | None = None):
     self.records = records
     self.mode = mode
     self.discovery = discovery
+    self.stats_batch = stats_batch
     self.active: set[int] = set()     # ids of modules inside a captured call
     self.calls: dict[int, int] = {}   # real pass: calls seen per node (rows mode)
     self.substituting = False         # discovery: inside a call on the copies
+
+  def subsample(self, call: Any) -> Any:
+    """``call``, its statistics from the first ``stats_batch`` examples."""
+    return call if self.stats_batch is None else calls.FirstExamples(
+        call, self.stats_batch)
 
 
 def node_probe(node_id: int, fields: dict[str, Array]) -> dict[str, Any]:
@@ -221,13 +228,19 @@ def handle_call(session: Session, record: NodeRecord, value: Any, describe,
       return y
     try:
       kind, call, view = describe()
+      call = session.subsample(call)
+      if isinstance(call, calls.FirstExamples):
+        call.check(x, y)
       record.add_call(kind, view, weight.shape, flax_layers.rows_of(call, x))
     except flax_layers.NotCaptured as e:
+      record.reject(str(e), type_name)
+    except ValueError as e:       # stats_batch without an example axis
       record.reject(str(e), type_name)
     return y
   if not record.captured:
     return y
   _, call, _ = describe()
+  call = session.subsample(call)
   slot = None
   if session.mode == "rows":
     k = session.calls.get(id(record), 0)

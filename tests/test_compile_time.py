@@ -52,14 +52,16 @@ def test_stablehlo_ops_charged_to_library_lines():
       '#loc1 = loc("/x/eva_optax/_src/a.py":10:2)',
       '#loc2 = loc("/x/user.py":3:1)',
       '#loc3 = loc("jit(f)/add"(#loc6))',
-      '#loc4 = loc(callsite(#loc2 at #loc1))',   # user code called from the library
+      '#loc4 = loc(callsite(#loc2 at #loc1))',   # the model, called by the library
       '#loc5 = loc("/x/user.py":4:1)',
       '#loc6 = loc(callsite(#loc1 at #loc2))',
   ])
   r = compile_stats.stablehlo_by_source(text)
   assert r["ops"] == 3
-  assert r["by_file"] == {"_src/a.py": 2, "(elsewhere)": 1}
-  assert r["by_line"][0] == ["_src/a.py:10", 2]
+  # The innermost frame decides: the library's add; the model's multiply
+  # (though the library called the model) and negate.
+  assert r["by_file"] == {"(elsewhere)": 2, "_src/a.py": 1}
+  assert r["by_line"] == [["(elsewhere)", 2], ["_src/a.py:10", 1]]
 
 
 def test_quick_run(tmp_path):

@@ -89,8 +89,10 @@ def stablehlo_by_source(text: str, marker: str = "/eva_optax/",
   """StableHLO operations counted by the source line that emitted them.
 
   ``text`` is ``Lowered.as_text(debug_info=True)``. Each operation is charged
-  to the innermost frame of its location whose file path contains ``marker``
-  (the library), else to ``"(elsewhere)"``. Returns ``{"ops": total,
+  to the innermost frame of its location (the source line that emitted it:
+  JAX leaves its own frames out) when that frame's file path contains
+  ``marker`` (the library), else to ``"(elsewhere)"`` (the model, Flax, optax;
+  library code that calls the model does not take the model's operations). Returns ``{"ops": total,
   "by_file": {file: ops}, "by_line": [[file:line, ops], ...top]}``, files
   relative to the marker.
   """
@@ -128,7 +130,8 @@ def stablehlo_by_source(text: str, marker: str = "/eva_optax/",
             or s.startswith("func.return") or s.startswith("return")):
       continue
     total += 1
-    hit = next(((f, ln) for f, ln in frames(m.group(1)) if marker in f), None)
+    fr = frames(m.group(1))
+    hit = fr[0] if fr and marker in fr[0][0] else None
     if hit is None:
       key_f, key_l = "(elsewhere)", "(elsewhere)"
     else:

@@ -400,9 +400,9 @@ _BINARY = {"add": np.add, "subtract": np.subtract, "multiply": np.multiply,
 _BITWISE = {"and": np.bitwise_and, "or": np.bitwise_or, "xor": np.bitwise_xor,
             "shift-left": np.left_shift, "shift-right-logical": np.right_shift,
             "shift-right-arithmetic": np.right_shift}
-_ARITH = set(_BINARY) | set(_BITWISE) | {"convert", "copy", "bitcast", "reshape", "broadcast",
-                         "divide", "remainder", "negate", "not", "abs", "clamp",
-                         "select", "compare", "dynamic-slice", "slice"}
+_ARITH = set(_BINARY) | set(_BITWISE) | {
+    "convert", "copy", "bitcast", "reshape", "broadcast", "divide", "remainder",
+    "negate", "not", "abs", "clamp", "select", "compare", "dynamic-slice", "slice"}
 
 
 def _arith(ins: Instr, v: list[Any]) -> Any:  # pylint: disable=too-many-return-statements
@@ -549,14 +549,14 @@ def _lapack_flops(comp: Computation, ins: Instr, fam: str) -> tuple[float, float
   if fam == "trsm":
     k = r                                   # the triangle is square
     b = shapes(types[1])[0][1] if len(types) > 1 and shapes(types[1]) else dims
-    cfg = ins.backend_config()
+    # LAPACK's backend config says side = 76 ('L') or 82 ('R'); the HLO op,
+    # left_side=true/false.
     side_left = True
     m = re.search(r"side\s*=\s*(\d+)", ins.attrs)
     if m:
       side_left = int(m.group(1)) == ord("L")
     elif "left_side=false" in ins.attrs:
       side_left = False
-    del cfg
     rhs = b[-1] if side_left else b[-2]
     flops = float(k) * k * rhs
   else:

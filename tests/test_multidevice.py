@@ -30,6 +30,8 @@ import math
 import subprocess
 import sys
 
+import pytest
+
 from multidevice_util import FAST_COMPILE
 from multidevice_util import REPO_ROOT
 from multidevice_util import run_script
@@ -137,34 +139,65 @@ def test_jit_shardings_equal_one_device():
 
 
 def test_scaling_benchmark_quick(tmp_path):
-  """benchmarks/scaling.py --quick on 2 devices: the bytes in collectives per step.
+  """benchmarks/scaling.py --quick on 2 devices: the bytes in collectives per step,
+  the refresh's work per device, and the split refresh against the replicated one.
 
   SGD all-reduces the gradient and the loss; Eva adds its Kronecker vectors, the
   paper's ``d_in + 1 + d_out`` floats per layer (up to the row count per layer that
-  the capture reduces with them); K-FAC adds its full factors.
+  the capture reduces with them); K-FAC adds its full factors. Replicated, every
+  device computes the whole refresh and nothing is communicated inside it; split
+  (where the library has ``distribute_over``), the busiest device does less than
+  all of it, the results travel inside the refresh's conditional only, the
+  per-step traffic is the replicated run's, and the parameters match it.
   """
   out = tmp_path / "scaling.json"
   cmd = [sys.executable, "benchmarks/scaling.py", "--quick", "--devices", "2",
-         "--optimizers", "eva,kfac", "--out", str(out)]
+         "--optimizers", "eva,kfac", "--inverse-every", "10", "--out", str(out)]
   proc = subprocess.run(cmd, cwd=REPO_ROOT, env=script_env(None), capture_output=True,
                         text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-5000:]
-  assert "| 2 |" in proc.stdout, proc.stdout
+  assert "| SGD step, ms CPU (wall) |" in proc.stdout, proc.stdout
   record = json.loads(out.read_text())
   assert (tmp_path / "scaling.png").stat().st_size > 0
   assert record["provenance"]["versions"]["jax"]
-  (row,) = record["summary"]["rows"]
-  floats = record["summary"]["analytic_floats"]
+  # docs/devices.md's renderer gives the tables the script printed.
+  sys.path.insert(0, str(REPO_ROOT / "examples"))
+  import readme_tables  # pylint: disable=g-import-not-at-top
+  assert readme_tables.render_scaling(record) == record["table"]
+  summary = record["summary"]
+  (row,) = summary["rows"]
+  floats = summary["analytic_floats"]
   layers = floats["layers"]
   assert row["devices"] == 2
   assert row["sgd_bytes"] == 4 * (floats["gradient"] + floats["loss"])
   eva = row["optimizers"]["eva"]["extra_bytes_vs_sgd"] // 4
   assert floats["eva_without_bias_entry"] <= eva <= floats["eva"] + 2 * layers, eva
-  kfac = row["optimizers"]["kfac"]["extra_bytes_vs_sgd"] // 4
-  assert floats["kfac"] <= kfac <= floats["kfac"] + 2 * layers, kfac
+  kfac = row["optimizers"]["kfac_10"]
+  assert floats["kfac"] <= kfac["extra_bytes_vs_sgd"] // 4 <= floats["kfac"] + 2 * layers
+  # Per layer, A ((d_in + 1)^2) and G (d_out^2): a Cholesky (n^3/3) and two
+  # triangular solves against the identity (n^3 each), on both devices.
+  widths = [64] + summary["widths"]
+  cubes = sum((i + 1) ** 3 + o ** 3 for i, o in zip(widths, widths[1:]))
+  full = cubes * (1 / 3 + 2)
+  assert kfac["refresh_flops_per_device"] == [pytest.approx(full)] * 2
   for name, o in row["optimizers"].items():
     assert math.isfinite(o["ratio_vs_sgd"]) and o["ratio_vs_sgd"] > 0, name
-    assert o["nested_bytes"] == 0, name   # nothing communicated inside cond/while
+    assert o["compile_s"] > 0 and o["hlo_instructions"] > 0, name
+    assert o["step_bytes"] == o["bytes"], name       # no collective inside a loop
+    if not o["split"]:
+      assert o["nested_bytes"] == 0, name   # nothing communicated inside cond/while
+  split = row["optimizers"].get("kfac_10_split")
+  if split is None:
+    assert summary["skipped"] == ["kfac_10_split"]
+    return
+  assert split["step_bytes"] == kfac["step_bytes"]
+  assert 0 < split["refresh_bytes"]
+  # refresh_plan's bytes received per device: (D - 1) of the D gathered buffers.
+  assert split["plan_bytes_per_refresh"] == split["refresh_gathered_bytes"] / 2
+  assert split["refresh_imbalance"] == pytest.approx(split["plan_imbalance"], rel=0.05)
+  assert split["refresh_flops_max"] < full
+  assert sum(split["refresh_flops_per_device"]) == pytest.approx(full)
+  assert split["vs_replicated"]["relative"] < 1e-4, split["vs_replicated"]
 
 
 def test_explicit_sharding_equals_one_device():

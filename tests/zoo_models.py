@@ -1,19 +1,19 @@
 """The client zoo: models nobody here wrote (transformers' Flax models) and
 models written the way clients write them (hand-written ties, custom layers,
-an Embed subclass), in linen and NNX, for tests/test_zoo.py.
+an Embed subclass) in linen, for tests/test_zoo.py; the NNX ones are in
+tests/zoo_nnx.py, and zoo_harness.ZOO lists them all.
 
 Every model is tiny (width 16, one block, vocabulary < 100, sequences of 8) and
 built from a fixed seed; transformers' models from random configs, never
 downloaded. Each :class:`ZooModel` says what the capture must report: which
 layers are captured, and which are not (with a pattern their reason matches).
-A layer in neither set (none today) is only audited if reported captured.
+Every layer node of a model is in one of the two sets.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -21,7 +21,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 
 import eva_optax
 
@@ -57,8 +56,8 @@ class ZooModel:
   not_captured: dict[str, str]
 
 
-def _ids(seed: int, shape=(B, T), vocab: int = V) -> jax.Array:
-  return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, shape), jnp.int32)
+def _ids(seed: int) -> jax.Array:
+  return jnp.asarray(np.random.default_rng(seed).integers(0, V, (B, T)), jnp.int32)
 
 
 def _next_token_loss(logits, ids):
@@ -72,10 +71,15 @@ def _next_token_loss(logits, ids):
 
 
 def _quiet_transformers():
+  """transformers, with its deprecation notices for the Flax models silenced."""
   import warnings  # pylint: disable=g-import-not-at-top
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    import transformers  # pylint: disable=g-import-not-at-top,unused-import
+    try:
+      import transformers  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise ImportError("the client zoo needs transformers<5 (its Flax models): "
+                        "pip install -e '.[test]'") from e
   transformers.logging.set_verbosity_error()
   return transformers
 
@@ -88,19 +92,21 @@ def _hf(name: str):
     config = tf.BertConfig(vocab_size=V, hidden_size=D, num_hidden_layers=1,
                            num_attention_heads=2, intermediate_size=2 * D,
                            max_position_embeddings=T, type_vocab_size=2)
-    model = tf.FlaxBertForMaskedLM(config, input_shape=(1, T), seed=0)
+    model, shape = tf.FlaxBertForMaskedLM(config, _do_init=False), (1, T)
   elif name == "gpt2":
     config = tf.GPT2Config(vocab_size=V, n_positions=T, n_embd=D, n_layer=1,
                            n_head=2, n_inner=2 * D)
-    model = tf.FlaxGPT2LMHeadModel(config, input_shape=(1, T), seed=0)
+    model, shape = tf.FlaxGPT2LMHeadModel(config, _do_init=False), (1, T)
   else:
     config = tf.ViTConfig(image_size=8, patch_size=4, num_channels=3,
                           hidden_size=D, num_hidden_layers=1,
                           num_attention_heads=2, intermediate_size=2 * D,
                           num_labels=5)
-    model = tf.FlaxViTForImageClassification(config, seed=0)
-  params = jax.tree.map(jnp.asarray, model.params)
-  return model, params
+    model, shape = tf.FlaxViTForImageClassification(config, _do_init=False), (1, 8, 8, 3)
+  # The random weights in one jitted program (transformers' own eager
+  # initialization compiles every op on its own: twice the time).
+  params = jax.jit(model.init_weights, static_argnums=1)(jax.random.PRNGKey(0), shape)
+  return model, dict(params)
 
 
 def bert() -> ZooModel:
@@ -289,115 +295,3 @@ def unregistered() -> ZooModel:
   make = lambda: model.init(jax.random.PRNGKey(2), x)["params"]
   return ZooModel("unregistered", "linen", make, loss, (x, y),
                   frozenset({"head"}), {"torch": r"(?i)not supported|regist"})
-
-
-# ----------------------------------------------------------------------------
-# NNX models.
-
-
-class TLinear(nnx.Module):
-  """A client's own NNX layer storing its weight (d_out, d_in), like torch."""
-
-  def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs):
-    self.weight = nnx.Param(jax.random.normal(rngs.params(), (d_out, d_in))
-                            / math.sqrt(d_in))
-    self.b = nnx.Param(0.1 * jax.random.normal(rngs.params(), (d_out,)))
-
-  def __call__(self, x):
-    return x @ self.weight[...].T + self.b[...]
-
-
-def register_tlinear() -> None:
-  eva_optax.register_dense(TLinear, kernel="weight", bias="b", transposed=True)
-
-
-class CustomNNX(nnx.Module):
-  """TLinear(6, 6) (square: only the view tells its axes apart) -> TLinear(6,
-  12) -> nnx.Linear(12, 3), on token sequences."""
-
-  def __init__(self, rngs: nnx.Rngs):
-    self.square = TLinear(6, 6, rngs=rngs)
-    self.wide = TLinear(6, 12, rngs=rngs)
-    self.head = nnx.Linear(12, 3, rngs=rngs)
-
-  def __call__(self, x):
-    return self.head(jnp.tanh(self.wide(jnp.tanh(self.square(x)))))
-
-
-def custom_nnx() -> ZooModel:
-  rng = np.random.default_rng(7)
-  x = jnp.asarray(rng.normal(size=(B, T, 6)) + 0.5, jnp.float32)
-  y = jnp.asarray(np.tanh(rng.normal(size=(B, T, 3))), jnp.float32)
-
-  def loss(model, x, y):
-    return jnp.mean(jnp.sum((model(x) - y) ** 2, axis=-1))
-
-  def make():
-    register_tlinear()
-    return CustomNNX(nnx.Rngs(0))
-
-  return ZooModel("custom_nnx", "nnx", make, loss, (x, y),
-                  frozenset({"square", "wide", "head"}), {})
-
-
-class Embedder(nnx.Embed):
-  """Gemma's embedder: the parent's lookup scaled by sqrt(features)."""
-
-  def __call__(self, inputs):
-    return super().__call__(inputs) * jnp.sqrt(jnp.float32(self.features))
-
-
-class GemmaLike(nnx.Module):
-  """A Gemma-style block: RMSNorm, bias-free attention and gated MLP, and a
-  head tied to the embedder by ``attend`` or by hand."""
-
-  def __init__(self, tie: str, rngs: nnx.Rngs):
-    self.tie = tie
-    self.embedder = Embedder(V, D, rngs=rngs)
-    self.norm_1 = nnx.RMSNorm(D, rngs=rngs)
-    self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=D, use_bias=False,
-                                       decode=False, rngs=rngs)
-    self.norm_2 = nnx.RMSNorm(D, rngs=rngs)
-    self.gate = nnx.Linear(D, 2 * D, use_bias=False, rngs=rngs)
-    self.up = nnx.Linear(D, 2 * D, use_bias=False, rngs=rngs)
-    self.down = nnx.Linear(2 * D, D, use_bias=False, rngs=rngs)
-    self.norm_f = nnx.RMSNorm(D, rngs=rngs)
-
-  def __call__(self, ids):
-    x = self.embedder(ids)
-    h = self.norm_1(x)
-    x = x + self.attn(h, mask=nnx.make_causal_mask(ids))
-    h = self.norm_2(x)
-    x = x + self.down(nnx.gelu(self.gate(h)) * self.up(h))
-    h = self.norm_f(x)
-    if self.tie == "attend":
-      return self.embedder.attend(h)
-    return h @ self.embedder.embedding[...].T     # the hand-written tie
-
-
-def gemma(tie: str) -> ZooModel:
-  ids = _ids(8)
-
-  def loss(model, ids):
-    return _next_token_loss(model(ids), ids)
-
-  layers = {f"attn/{p}" for p in ("query", "key", "value", "out")} | {
-      "gate", "up", "down"}
-  if tie == "attend":
-    return ZooModel("gemma_attend", "nnx", lambda: GemmaLike("attend", nnx.Rngs(0)),
-                    loss, (ids,), frozenset(layers | {"embedder"}), {})
-  return ZooModel("gemma_hand", "nnx", lambda: GemmaLike("hand", nnx.Rngs(0)),
-                  loss, (ids,), frozenset(layers), {"embedder": OTHER_USE})
-
-
-ZOO: dict[str, Callable[[], ZooModel]] = {
-    "bert": bert, "gpt2": gpt2, "vit": vit, "hand_tied_lm": hand_tied_lm,
-    "custom_linen": custom_linen, "unregistered": unregistered,
-    "custom_nnx": custom_nnx,
-    "gemma_attend": lambda: gemma("attend"), "gemma_hand": lambda: gemma("hand"),
-}
-
-
-@functools.lru_cache(maxsize=None)
-def zoo(name: str) -> ZooModel:
-  return ZOO[name]()

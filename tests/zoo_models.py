@@ -28,7 +28,7 @@ V, D, T, B = 48, 16, 8, 4          # vocabulary, width, sequence, batch
 # A tied layer is reported not captured because its parameters have another
 # use than the captured call; the reason names that use (the wording is the
 # library's, so the pattern only asks for what any such reason must say).
-OTHER_USE = r"(?i)(use|outside|elsewhere)"
+OTHER_USE = r"(?i)\b(outside|elsewhere|another use|other uses?)\b"
 
 
 @dataclasses.dataclass(frozen=True)

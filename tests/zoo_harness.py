@@ -252,15 +252,18 @@ def flat_views(views: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------
 # Training: every optimizer, 5 jitted steps on the fixed batch.
 
-# (alias, learning rate, statistics): rates that lower every zoo model's loss
-# on a fixed batch by a clear margin in 5 steps (momentum 0.9, the defaults).
+# (alias, learning rate, statistics the optimizer needs). One rate for all,
+# with every other hyperparameter at its default (momentum 0.9, damping 0.03):
+# on every zoo model's fixed batch it lowers the loss by 0.13 to 2.1 in 5
+# steps, where the test asks for 0.001 (rates from 0.003 to 0.1 all trained
+# BERT, ViT and the hand-tied LM; 0.03 sits in the middle).
 OPTIMIZERS = {
-    "eva": (eva_optax.eva, 3e-3, "vectors"),
-    "eva_f": (eva_optax.eva_f, 3e-3, "vectors"),
-    "eva_s": (eva_optax.eva_s, 0.1, None),
-    "kfac": (eva_optax.kfac, 0.1, "factors"),
-    "foof": (eva_optax.foof, 0.1, "factors"),
-    "shampoo": (eva_optax.shampoo, 0.1, None),
+    "eva": (eva_optax.eva, 0.03, "vectors"),
+    "eva_f": (eva_optax.eva_f, 0.03, "vectors"),
+    "eva_s": (eva_optax.eva_s, 0.03, None),
+    "kfac": (eva_optax.kfac, 0.03, "factors"),
+    "foof": (eva_optax.foof, 0.03, "factors"),
+    "shampoo": (eva_optax.shampoo, 0.03, None),
 }
 LAYERWISE = ("eva", "eva_f", "kfac", "foof")
 

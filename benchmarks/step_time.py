@@ -59,8 +59,8 @@ How it is measured
   with the same optimizer built with ``momentum=0`` and ``learning_rate=1``,
   starting from the timed run's preconditioner state (the first element of the
   chain); for SGD it is 1 by construction. Near 1 means the curvature only
-  rescaled the step; lower means it turned the direction (see README.md, "What
-  the curvature does at the paper's scale").
+  rescaled the step; lower means it turned the direction (see docs/choosing.md,
+  "Why Eva behaves like SGD here").
 * A breakdown times the pieces of the SGD and Eva steps separately (gradient
   alone, gradient plus statistics, update plus apply alone, full steps), to
   locate any extra time Eva spends.

@@ -42,8 +42,10 @@ autodoc_type_aliases = {
         "chex.ArrayTree", "chex.PRNGKey", "jax.typing.ArrayLike", "ArrayLike")
 }
 
-# The README is included as Markdown; its "## Heading" anchors resolve like GitHub's.
+# The guides are Markdown that GitHub renders too: "## Heading" anchors resolve like GitHub's,
+# and math is written as $...$ and $$...$$ (amsmath for aligned environments).
 myst_heading_anchors = 3
+myst_enable_extensions = ["dollarmath", "amsmath"]
 
 html_theme = "alabaster"
 html_title = f"eva_optax {release}"

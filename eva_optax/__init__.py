@@ -3,32 +3,33 @@
 Please don't use symbols in ``eva_optax._src``: they are not part of the public API.
 """
 
-from eva_optax._src.adaptive import AdaptiveState
-from eva_optax._src.adaptive import adaptive
-from eva_optax._src.capture import STATISTICS
-from eva_optax._src.capture import layer_views
-from eva_optax._src.capture import value_and_grad
-from eva_optax._src.describe import describe
-from eva_optax._src.eva import eva
-from eva_optax._src.eva import eva_f
-from eva_optax._src.eva import scale_by_eva
-from eva_optax._src.eva import scale_by_eva_f
-from eva_optax._src.eva_s import ScaleByEvaSState
-from eva_optax._src.eva_s import eva_s
-from eva_optax._src.eva_s import scale_by_eva_s
-from eva_optax._src.foof import foof
-from eva_optax._src.foof import scale_by_foof
-from eva_optax._src.kfac import kfac
-from eva_optax._src.kfac import scale_by_kfac
-from eva_optax._src.layerwise import LayerwiseState
-from eva_optax._src.multi_steps import MultiSteps
-from eva_optax._src.quadratic_model import LOSSES as ADAPTIVE_LOSSES
-from eva_optax._src.shampoo import ScaleByShampooState
-from eva_optax._src.shampoo import scale_by_shampoo
-from eva_optax._src.shampoo import shampoo
-from eva_optax._src.statistics import LayerStatistics
-from eva_optax._src.train_state import TrainState
-from eva_optax._src.training_chain import training_chain
+from eva_optax._src.capture.describe import describe
+from eva_optax._src.capture.linen import STATISTICS
+from eva_optax._src.capture.linen import layer_views
+from eva_optax._src.capture.linen import value_and_grad
+from eva_optax._src.capture.registry import register_dense
+from eva_optax._src.optimizers.eva import eva
+from eva_optax._src.optimizers.eva import scale_by_eva
+from eva_optax._src.optimizers.eva_f import eva_f
+from eva_optax._src.optimizers.eva_f import scale_by_eva_f
+from eva_optax._src.optimizers.eva_s import ScaleByEvaSState
+from eva_optax._src.optimizers.eva_s import eva_s
+from eva_optax._src.optimizers.eva_s import scale_by_eva_s
+from eva_optax._src.optimizers.foof import foof
+from eva_optax._src.optimizers.foof import scale_by_foof
+from eva_optax._src.optimizers.kfac import kfac
+from eva_optax._src.optimizers.kfac import scale_by_kfac
+from eva_optax._src.optimizers.shampoo import ScaleByShampooState
+from eva_optax._src.optimizers.shampoo import scale_by_shampoo
+from eva_optax._src.optimizers.shampoo import shampoo
+from eva_optax._src.preconditioner.layerwise import LayerwiseState
+from eva_optax._src.preconditioner.training_chain import training_chain
+from eva_optax._src.vocabulary.statistics import LayerStatistics
+from eva_optax._src.wrappers.adaptive import AdaptiveState
+from eva_optax._src.wrappers.adaptive import adaptive
+from eva_optax._src.wrappers.multi_steps import MultiSteps
+from eva_optax._src.wrappers.quadratic_model import LOSSES as ADAPTIVE_LOSSES
+from eva_optax._src.wrappers.train_state import TrainState
 
 __version__ = "0.1.0"
 
@@ -50,6 +51,7 @@ __all__ = (
     "foof",
     "kfac",
     "layer_views",
+    "register_dense",
     "scale_by_eva",
     "scale_by_eva_f",
     "scale_by_eva_s",

@@ -6,7 +6,7 @@ through ``nnx.Optimizer(model, tx, wrt=nnx.Param).update(model, grads,
 stats=stats)``.
 """
 
-from eva_optax._src.nnx_capture import value_and_grad
-from eva_optax._src.nnx_capture import layer_views
+from eva_optax._src.capture.nnx import value_and_grad
+from eva_optax._src.capture.nnx import layer_views
 
 __all__ = ("layer_views", "value_and_grad")

@@ -1,20 +1,23 @@
-"""Rewrites the README's result tables from the committed JSON records.
+"""Rewrites the result tables of the README and the guides from the committed JSON.
 
-Each table sits between two marker comments in ``README.md``::
+Each table sits between two marker comments in the page that shows it (the
+README for the headline table, ``docs/results.md`` and the other guides for the
+rest)::
 
     <!-- table:demo -->
     ...generated, do not edit by hand...
     <!-- /table:demo -->
 
 and is rendered from one JSON file by the entry of the same name in
-:data:`TABLES`. ``python examples/readme_tables.py`` rewrites every table in
-place; ``--check`` rewrites nothing and exits with status 1 (and a diff) if
-the README differs from what the JSON gives (``tests/test_results.py`` runs
-it).
+:data:`TABLES`, whose ``pages`` name the Markdown files that hold it.
+``python examples/readme_tables.py`` rewrites every table in place;
+``--check`` rewrites nothing and exits with status 1 (and a diff) if a page
+differs from what the JSON gives (``tests/test_results.py`` runs it).
 
-To add a table, register one entry and put the two markers in the README::
+To add a table, register one entry and put the two markers in its page::
 
-    register(Table("scaling", "benchmarks/results/scaling.json", render_scaling))
+    register(Table("scaling", "benchmarks/results/scaling.json", render_scaling,
+                   pages=("docs/devices.md",)))
 
 where ``render_scaling(record) -> str`` returns the markdown (table and any
 notes). :func:`comparison_table` renders the examples' comparison records;
@@ -42,22 +45,25 @@ from harness import tables
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-README = os.path.join(ROOT, "README.md")
+RESULTS_PAGE = "docs/results.md"
 
 
 @dataclasses.dataclass(frozen=True)
 class Table:
-  """One README table: its marker name, its JSON (relative to the repository
-  root) and how to render it.
+  """One generated table: its marker name, its JSON (relative to the
+  repository root), how to render it and the pages that show it.
 
-  ``committed_in`` names the commit that added a JSON written before records
-  carried their provenance (shown in place of the unknown producing commit).
+  ``pages`` are Markdown files relative to the repository root; each holds the
+  table's markers exactly once. ``committed_in`` names the commit that added a
+  JSON written before records carried their provenance (shown in place of the
+  unknown producing commit).
   """
 
   name: str
   source: str
   render: Callable[[dict[str, Any]], str]
   committed_in: str | None = None
+  pages: tuple[str, ...] = (RESULTS_PAGE,)
 
 
 TABLES: dict[str, Table] = {}
@@ -142,8 +148,10 @@ def comparison_table(learning_rates: bool = True,
 
 register(Table("demo", "examples/results/demo.json",
                comparison_table(learning_rates=False)))
+# The headline: the README shows it, and the results guide with the others.
 register(Table("autoencoder", "examples/results/autoencoder.json",
-               comparison_table(), committed_in="444f82d"))
+               comparison_table(), committed_in="444f82d",
+               pages=("README.md", RESULTS_PAGE)))
 register(Table("classifier", "examples/results/classifier.json",
                comparison_table(), committed_in="444f82d"))
 register(Table("classifier_next_lower_lr",
@@ -157,7 +165,7 @@ register(Table("time_to_quality", "benchmarks/results/time_to_quality.json",
                lambda record: record["table"]))
 # benchmarks/scaling.py stores its report (benchlib.scaling_report.report) too.
 register(Table("scaling", "benchmarks/results/scaling.json",
-               lambda record: record["table"]))
+               lambda record: record["table"], pages=("docs/devices.md",)))
 
 
 def render(table: Table, root: str = ROOT) -> str:
@@ -173,18 +181,18 @@ def _block(name: str) -> re.Pattern[str]:
 
 
 def rewrite(text: str, root: str = ROOT,
-            names: list[str] | None = None) -> str:
-  """``text`` (the README) with every registered table regenerated.
+            names: list[str] | None = None, page: str = "the page") -> str:
+  """``text`` (one page) with the tables ``names`` (default: all) regenerated.
 
   Raises:
-    ValueError: a registered table has no (or more than one) marker pair.
+    ValueError: one of the tables has no (or more than one) marker pair.
   """
   for name in names or list(TABLES):
     pattern = _block(name)
     found = len(pattern.findall(text))
     if found != 1:
       raise ValueError(
-          f"README has {found} '<!-- table:{name} -->' ... "
+          f"{page} has {found} '<!-- table:{name} -->' ... "
           f"'<!-- /table:{name} -->' blocks; put exactly one around the "
           "table.")
     body = render(TABLES[name], root)
@@ -192,14 +200,26 @@ def rewrite(text: str, root: str = ROOT,
   return text
 
 
+def pages(names: list[str]) -> dict[str, list[str]]:
+  """``{page: [its tables among names]}``, pages in registration order."""
+  out: dict[str, list[str]] = {}
+  for name in names:
+    for page in TABLES[name].pages:
+      out.setdefault(page, []).append(name)
+  return out
+
+
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       description=__doc__.split("\n")[0],
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--check", action="store_true",
-                 help="change nothing; exit 1 and print a diff if the README "
+                 help="change nothing; exit 1 and print a diff if a page "
                  "differs from the JSON")
-  p.add_argument("--readme", default=README, help="the README to rewrite")
+  p.add_argument("--pages-root", default=ROOT,
+                 help="the directory the pages (README.md, docs/*.md) are "
+                 "read from and written to; the JSON is always this "
+                 "checkout's")
   p.add_argument("--tables", default=",".join(TABLES),
                  help="comma-separated tables to regenerate")
   return p
@@ -211,24 +231,27 @@ def main(argv=None) -> int:
   unknown = [n for n in names if n not in TABLES]
   if unknown:
     raise SystemExit(f"unknown table(s) {unknown}; registered: {list(TABLES)}")
-  with open(args.readme) as f:
-    old = f.read()
-  new = rewrite(old, names=names)
-  if args.check:
+  stale = []
+  for page, page_names in pages(names).items():
+    path = os.path.join(args.pages_root, page)
+    with open(path) as f:
+      old = f.read()
+    new = rewrite(old, names=page_names, page=page)
     if new == old:
-      print(f"{args.readme}: {len(names)} tables match their JSON.")
-      return 0
-    sys.stdout.writelines(difflib.unified_diff(
-        old.splitlines(True), new.splitlines(True), "README.md (committed)",
-        "README.md (from the JSON)"))
-    print("\nThe README's tables differ from the JSON: run "
+      print(f"{page}: {len(page_names)} tables match their JSON.")
+    elif args.check:
+      stale.append(page)
+      sys.stdout.writelines(difflib.unified_diff(
+          old.splitlines(True), new.splitlines(True), f"{page} (committed)",
+          f"{page} (from the JSON)"))
+    else:
+      with open(path, "w") as f:
+        f.write(new)
+      print(f"{page}: {len(page_names)} tables rewritten.")
+  if stale:
+    print(f"\nThe tables of {', '.join(stale)} differ from the JSON: run "
           "`python examples/readme_tables.py`.")
     return 1
-  if new != old:
-    with open(args.readme, "w") as f:
-      f.write(new)
-  print(f"{args.readme}: {len(names)} tables "
-        f"{'rewritten' if new != old else 'already up to date'}.")
   return 0
 
 

@@ -35,7 +35,7 @@ On a two-core CPU, K-FAC on the scanned model can hang: jaxlib 0.10.2's
 batched Cholesky (the damped inverses of the stacked factors) waits on both
 XLA worker threads at once. ``--optimizers kfac --no-scan --append`` trains it
 on the unrolled model (the same function and the same layers), which is how
-the README's K-FAC row was produced.
+the K-FAC row of docs/results.md was produced.
 """
 
 from __future__ import annotations
@@ -73,8 +73,8 @@ START_LRS = {"sgd": 0.3, "adam": 0.003, "eva": 0.3, "eva_f": 0.3,
 # scored on 256 windows of held-out training text; every value tried and its
 # loss are in examples/results/transformer_lm.json). SGD, Eva-s and Shampoo
 # chose the lowest value tried after two extensions of the grid (x1/27 of the
-# centre). K-FAC's value was swept on the unrolled model (--no-scan; see the
-# README: its batched Cholesky hangs on a 2-core CPU); FOOF was not swept.
+# centre). K-FAC's value was swept on the unrolled model (--no-scan; see
+# docs/results.md: its batched Cholesky hangs on a 2-core CPU); FOOF was not swept.
 DEFAULT_LRS = {**START_LRS, "sgd": 0.0111, "adam": 0.003, "eva": 0.1,
                "eva_f": 0.3, "eva_s": 0.0111, "kfac": 0.3, "shampoo": 0.0111}
 # Inverses every 10 steps (the authors' CIFAR K-FAC setting).

@@ -16,7 +16,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import eva_optax
-from eva_optax._src import quadratic_model
+from eva_optax._src.wrappers import quadratic_model
 from adaptive_problems import linear_problem
 from adaptive_problems import tiny_problem
 

@@ -32,7 +32,7 @@ import eva_optax
 # of each name completes its docstring and removes it from this list (the test fails
 # when a listed name becomes complete, so the list can only shrink; never add to it).
 KNOWN_INCOMPLETE = {
-    # The states (eva_optax/_src/layerwise.py).
+    # The states (eva_optax/_src/preconditioner/layerwise.py).
 }
 
 _SECTION = re.compile(r"^(\w[\w ]*):\s*$")

@@ -328,7 +328,7 @@ def test_eva_beats_sgd_on_digits():
 @pytest.mark.parametrize("damping", [0.03, 1e-4])
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_split_closed_forms_and_inner_products(with_bias, damping):
-  from eva_optax._src import linalg  # pylint: disable=g-import-not-at-top
+  from eva_optax._src.linalg import rank_one  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(3)
   d_in, d_out = 7, 5
   kernel = rng.normal(size=(d_in, d_out)).astype(np.float32)
@@ -337,11 +337,11 @@ def test_split_closed_forms_and_inner_products(with_bias, damping):
   g = rng.normal(size=(d_out,)).astype(np.float32) * 0.3
   gm = kernel if bias is None else np.concatenate([kernel, bias[None]])
   for got, ref in (
-      (linalg.eva_solve(jnp.asarray(kernel), None if bias is None else
+      (rank_one.eva_solve(jnp.asarray(kernel), None if bias is None else
                         jnp.asarray(bias), jnp.asarray(a), jnp.asarray(g),
                         damping),
        eva_dense_solve(gm, a, g, damping)),
-      (linalg.eva_f_solve(jnp.asarray(kernel), None if bias is None else
+      (rank_one.eva_f_solve(jnp.asarray(kernel), None if bias is None else
                           jnp.asarray(bias), jnp.asarray(a), damping),
        eva_f_dense_solve(gm, a, damping))):
     u_kernel, u_bias, inner = got

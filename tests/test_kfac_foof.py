@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import eva_optax
-from eva_optax._src.statistics import LayerStatistics
+from eva_optax._src.vocabulary.statistics import LayerStatistics
 
 
 class _ConvNet(nn.Module):

@@ -1,9 +1,11 @@
 """Which layers are captured: subclasses, and the int forms of Conv's arguments.
 
 A subclass of a captured type that keeps the parent's ``__call__`` is captured
-like its parent; one that overrides ``__call__`` is not (its output is no longer
-the parent's linear map), is reported with the reason and passes its gradient
-through. ``nn.Conv`` takes ints where tuples are expected (``kernel_size=3``,
+like its parent. One that overrides ``__call__`` is captured exactly through
+the parent's method when it calls it (``2 * super().__call__(x)`` has the
+statistics of ``2 * nn.Dense(...)(x)``: the scaling is outside the layer); one
+that computes its output itself is not (the capture cannot read that map), is
+reported with the reason and passes its gradient through. ``nn.Conv`` takes ints where tuples are expected (``kernel_size=3``,
 ``strides=2``, ``padding=1``, ``kernel_dilation=2``); the statistics then equal
 an explicit im2col of the same convolution.
 """
@@ -44,14 +46,25 @@ class MyEmbed(nn.Embed):
 
 
 class Doubled(nn.Dense):
-  """Overrides __call__ (the output is twice the Dense map)."""
+  """Overrides __call__, calling the parent's (twice the Dense map)."""
 
   def __call__(self, x):
     return 2.0 * super().__call__(x)
 
 
+class OwnMap(nn.Dense):
+  """Overrides __call__ without calling the parent's (its own map)."""
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+    bias = self.param("bias", self.bias_init, (self.features,))
+    return 2.0 * (x @ kernel + bias)
+
+
 class Net(nn.Module):
   sub: bool
+  own: bool = False
 
   @nn.compact
   def __call__(self, ids, img):
@@ -62,7 +75,7 @@ class Net(nn.Module):
     h = h.reshape(h.shape[0], -1) + e.mean(axis=1).repeat(9, axis=-1)
     h = jnp.tanh(dense(4, name="dense")(h))
     if self.sub:
-      return Doubled(2, name="doubled")(h)
+      return (OwnMap if self.own else Doubled)(2, name="doubled")(h)
     return 2.0 * nn.Dense(2, name="doubled")(h)
 
 
@@ -74,9 +87,10 @@ def _problem():
   t = jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)
   params = numpy_init(Net(sub=False), ids, img)
   out = {}
-  for sub in (False, True):
+  for sub in (False, True, "own"):
     def loss(p, ids, img, t, sub=sub):
-      return jnp.mean((Net(sub=sub).apply({"params": p}, ids, img) - t) ** 2)
+      net = Net(sub=bool(sub), own=sub == "own")
+      return jnp.mean((net.apply({"params": p}, ids, img) - t) ** 2)
     fn = jax.jit(eva_optax.value_and_grad(loss, statistics="factors"))
     out[sub] = fn(params, ids, img, t)
   return params, out
@@ -94,13 +108,25 @@ def test_subclass_that_keeps_the_parent_call_is_captured(layer):
                                atol=1e-7 * np.abs(want).max(), err_msg=key)
 
 
-def test_subclass_that_overrides_call_is_not_captured_and_passes_through():
+def test_override_that_calls_the_parent_is_captured_through_it():
+  """``2 * super().__call__(x)`` has exactly the statistics of the explicit
+  ``2 * nn.Dense(...)(x)``: the capture reads the inner call."""
+  _, out = _problem()
+  st, ref = out[True][2]["doubled"], out[False][2]["doubled"]
+  assert st.captured and ref.captured, (st.note, ref.note)
+  for key in ("a", "g", "A", "G"):
+    want = np.asarray(getattr(ref, key))
+    np.testing.assert_allclose(getattr(st, key), want, rtol=1e-6,
+                               atol=1e-7 * np.abs(want).max(), err_msg=key)
+  assert float(np.abs(np.asarray(st.g)).max()) > 0   # not a trivial equality
+
+
+def test_override_with_its_own_map_is_not_captured_and_passes_through():
   params, out = _problem()
-  _, grads, stats = out[True]
+  _, grads, stats = out["own"]
   st = stats["doubled"]
   assert not st.captured
-  assert "overrides" in st.note and "Doubled" in st.note, st.note
-  assert out[False][2]["doubled"].captured   # the plain Dense in its place is
+  assert "overrides" in st.note and "OwnMap" in st.note, st.note
   np.testing.assert_allclose(grads["doubled"]["kernel"],
                              out[False][1]["doubled"]["kernel"], rtol=1e-5)
   tx = preconditioner("eva")
@@ -110,26 +136,36 @@ def test_subclass_that_overrides_call_is_not_captured_and_passes_through():
   assert rel_err(up["dense"]["kernel"], grads["dense"]["kernel"]) > 0.5
 
 
-def test_subclass_with_attend_override_is_not_captured():
-  class NoAttend(nn.Embed):
+def test_attend_override_that_calls_the_parent_is_pooled():
+  """A tied embedding whose ``attend`` halves the parent's: captured through
+  the inner calls, with the statistics of the explicit form."""
+  class HalfAttend(nn.Embed):
     def attend(self, query):
       return super().attend(query) / 2.0
 
   class Model(nn.Module):
+    half: bool
+
     @nn.compact
     def __call__(self, ids):
-      embed = NoAttend(5, 3, name="embed")
-      return embed.attend(embed(ids))
+      embed = (HalfAttend if self.half else nn.Embed)(5, 3, name="embed")
+      out = embed.attend(embed(ids))
+      return out if self.half else out / 2.0
 
   ids = jnp.asarray([[0, 1, 2], [3, 4, 4]])
-  params = numpy_init(Model(), ids)
-  loss = lambda p, ids: jnp.mean(Model().apply({"params": p}, ids) ** 2)
-  _, _, stats = eva_optax.value_and_grad(loss)(params, ids)
-  st = stats["embed"]
-  # The lookup keeps Embed.__call__, attend does not: the table cannot be
-  # described by the lookup's rows alone, so the layer is not captured.
-  assert not st.captured
-  assert "attend" in st.note, st.note
+  params = numpy_init(Model(half=False), ids)
+  stats = {}
+  for half in (True, False):
+    loss = lambda p, ids, half=half: jnp.mean(
+        Model(half=half).apply({"params": p}, ids) ** 2)
+    _, _, stats[half] = eva_optax.value_and_grad(loss, statistics="factors")(
+        params, ids)
+  st, ref = stats[True]["embed"], stats[False]["embed"]
+  assert st.captured and st.kind == "Embed+Embed.attend", st.note
+  for key in ("a", "g", "A", "G"):
+    want = np.asarray(getattr(ref, key))
+    np.testing.assert_allclose(getattr(st, key), want, rtol=1e-6,
+                               atol=1e-7 * np.abs(want).max(), err_msg=key)
 
 
 # ----------------------------------------------------------------------------

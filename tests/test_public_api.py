@@ -41,8 +41,8 @@ def test_public_names_have_docstrings(name):
 
 
 def _src_modules():
-  for info in pkgutil.iter_modules(eva_optax._src.__path__):
-    yield importlib.import_module(f"eva_optax._src.{info.name}")
+  for info in pkgutil.walk_packages(eva_optax._src.__path__, "eva_optax._src."):
+    yield importlib.import_module(info.name)
 
 
 @pytest.mark.parametrize("module", list(_src_modules()), ids=lambda m: m.__name__)

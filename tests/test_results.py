@@ -8,6 +8,7 @@ import glob
 import importlib.metadata
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -51,7 +52,16 @@ def _run(epochs_losses, label, **extra):
 
 
 # ----------------------------------------------------------------------------
-# README tables.
+# The generated tables of the README and the guides.
+
+# Every Markdown page that may hold a generated table.
+PAGES = ["README.md"] + sorted(
+    os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+
+
+def _read(page: str, root: str = ROOT) -> str:
+  with open(os.path.join(root, page)) as f:
+    return f.read()
 
 
 def test_readme_tables_match_the_json(capsys):
@@ -59,27 +69,43 @@ def test_readme_tables_match_the_json(capsys):
 
 
 def test_every_registered_table_has_its_markers_and_json():
-  with open(readme_tables.README) as f:
-    text = f.read()
   for name, table in readme_tables.TABLES.items():
-    assert text.count(f"<!-- table:{name} -->") == 1, name
-    assert text.count(f"<!-- /table:{name} -->") == 1, name
+    assert table.pages, name
+    for page in table.pages:
+      text = _read(page)
+      assert text.count(f"<!-- table:{name} -->") == 1, (name, page)
+      assert text.count(f"<!-- /table:{name} -->") == 1, (name, page)
     assert os.path.isfile(os.path.join(ROOT, table.source)), table.source
 
 
+def test_no_page_holds_a_table_it_is_not_registered_for():
+  """A table moved to another page leaves no stale copy behind."""
+  for page in PAGES:
+    for name in re.findall(r"^<!-- table:(\w+) -->$", _read(page), re.M):
+      assert name in readme_tables.TABLES, f"{page}: unregistered table {name}"
+      assert page in readme_tables.TABLES[name].pages, (
+          f"{page} holds table {name}, registered for {readme_tables.TABLES[name].pages}")
+
+
 def test_check_fails_on_a_stale_table_and_rewrite_fixes_it(tmp_path, capsys):
-  with open(readme_tables.README) as f:
-    text = f.read()
+  pages = sorted({p for t in readme_tables.TABLES.values() for p in t.pages})
+  for page in pages:
+    os.makedirs(tmp_path / os.path.dirname(page), exist_ok=True)
+    (tmp_path / page).write_text(_read(page))
+  [demo_page] = readme_tables.TABLES["demo"].pages
+  text = _read(demo_page)
   demo = readme_tables.render(readme_tables.TABLES["demo"])
   sgd_row = next(line for line in demo.splitlines() if line.startswith("| SGD"))
   stale = text.replace(sgd_row, sgd_row.replace("| SGD |", "| SGD (old) |"), 1)
   assert stale != text
-  readme = tmp_path / "README.md"
-  readme.write_text(stale)
-  assert readme_tables.main(["--check", "--readme", str(readme)]) == 1
-  assert "SGD (old)" in capsys.readouterr().out
-  assert readme_tables.main(["--readme", str(readme)]) == 0
-  assert readme.read_text() == text
+  (tmp_path / demo_page).write_text(stale)
+  assert readme_tables.main(["--check", "--pages-root", str(tmp_path)]) == 1
+  out = capsys.readouterr().out
+  assert "SGD (old)" in out and demo_page in out
+  assert readme_tables.main(["--pages-root", str(tmp_path)]) == 0
+  assert (tmp_path / demo_page).read_text() == text
+  for page in pages:
+    assert (tmp_path / page).read_text() == _read(page), page
 
 
 def test_missing_markers_say_how_to_fix():

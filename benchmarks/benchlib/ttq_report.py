@@ -35,7 +35,7 @@ def _fmt_reach(r):
 
 
 def markdown_table(record: dict[str, Any]) -> str:
-  """The README table of a record (a pure function of the JSON)."""
+  """The table of a record in docs/results.md (a pure function of the JSON)."""
   runs, adam_final = record["runs"], record["adam_final"]
   epochs = record["config"]["epochs"]
   cols = [f"epoch {k}" for k in range(1, epochs + 1)]

@@ -1,11 +1,17 @@
 """Sphinx extension: the API reference generated from ``eva_optax.__all__``.
 
-``.. eva-optax-api::`` expands, at build time, to one section per source module of the
-public names (in ``eva_optax.__all__``, then in the ``__all__`` of every public submodule
-such as ``eva_optax.nnx``), each name documented by autodoc under its public path
-(``eva_optax.eva``, not ``eva_optax._src.eva.eva``). A new public name therefore appears
-without editing the docs; its section is titled from ``TOPICS`` when its module is listed
-there, else from the first line of its module's docstring.
+``.. eva-optax-api::`` expands, at build time, to the public names (in
+``eva_optax.__all__``, then in the ``__all__`` of every public submodule such as
+``eva_optax.nnx``), each documented by autodoc under its public path
+(``eva_optax.eva``, not the private module that defines it). A new public name
+therefore appears without editing the docs.
+
+The sections follow the private tree ``eva_optax._src``, walked recursively
+(:func:`pkgutil.walk_packages`), so no module name is written here: a module
+directly in ``_src`` is a section of its own; a module in a concept subpackage
+(``_src/optimizers/eva.py``) is a subsection of its subpackage's section. Every
+title is the summary of the module's (or subpackage's) docstring, up to its
+first colon or full stop; sections come in the tree's order.
 
 The build then checks that every public name was documented and warns otherwise (a
 failure under ``sphinx-build -W``), like optax's ``docs/ext/coverage_check.py``.
@@ -14,10 +20,12 @@ failure under ``sphinx-build -W``), like optax's ``docs/ext/coverage_check.py``.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import inspect
 import pkgutil
 import re
+from types import ModuleType
 from typing import Any
 
 from docutils import nodes
@@ -32,25 +40,7 @@ from sphinx.util.nodes import nested_parse_with_titles
 logger = logging.getLogger(__name__)
 
 PACKAGE = "eva_optax"
-
-# Section titles and order for the known source modules (others follow, titled from their
-# module docstring).
-TOPICS = {
-    "capture": "Gradients and layer statistics",
-    "statistics": "Gradients and layer statistics",
-    "describe": "Gradients and layer statistics",
-    "eva": "Eva and Eva-f",
-    "eva_s": "Eva-s",
-    "kfac": "K-FAC",
-    "foof": "FOOF",
-    "shampoo": "Shampoo",
-    "training_chain": "The training chain",
-    "layerwise": "Optimizer states",
-    "adaptive": "Adaptive learning rate, momentum and damping",
-    "quadratic_model": "Adaptive learning rate, momentum and damping",
-    "multi_steps": "Gradient accumulation and training state",
-    "train_state": "Gradient accumulation and training state",
-}
+SRC = f"{PACKAGE}._src"
 
 
 def public_names() -> dict[str, Any]:
@@ -67,17 +57,27 @@ def public_names() -> dict[str, Any]:
   return names
 
 
-def _source_module(name: str, obj: Any) -> tuple[str, str]:
-  """``(module, attribute)`` that defines ``obj`` (``("eva", "eva")`` for ``eva_optax.eva``).
+@functools.cache
+def _src_modules() -> dict[str, ModuleType]:
+  """Every module of ``eva_optax._src`` by dotted name, subpackages included."""
+  src = importlib.import_module(SRC)
+  modules = {}
+  for info in pkgutil.walk_packages(src.__path__, prefix=f"{SRC}."):
+    modules[info.name] = importlib.import_module(info.name)
+  return modules
 
-  ``module`` is the file's name in ``eva_optax._src``. A constant carries no
-  ``__module__``: its module is the one whose top level assigns it (it may be
-  re-exported under another name, as ``ADAPTIVE_LOSSES`` is).
+
+def _source_module(name: str, obj: Any) -> tuple[str, str]:
+  """``(module, attribute)`` that defines ``obj``, ``module`` a full dotted name.
+
+  A class or function names its module. A constant carries no ``__module__``:
+  its module is the one whose top level assigns it (it may be re-exported under
+  another name, as ``ADAPTIVE_LOSSES`` is), else the public module that exports it.
   """
   if inspect.isclass(obj) or inspect.isroutine(obj):
     module = getattr(obj, "__module__", "") or ""
     if module.startswith(f"{PACKAGE}."):
-      return module.rsplit(".", 1)[-1], obj.__name__
+      return module, obj.__name__
   for mod_name, mod in _src_modules().items():
     for attr in _assigned_names(mod):
       if getattr(mod, attr, None) is obj:
@@ -99,35 +99,44 @@ def _assigned_names(module: Any) -> list[str]:
   return names
 
 
-def _src_modules() -> dict[str, Any]:
-  src = importlib.import_module(f"{PACKAGE}._src")
-  return {i.name: importlib.import_module(f"{PACKAGE}._src.{i.name}")
-          for i in pkgutil.iter_modules(src.__path__)}
+def _place(module: str) -> tuple[str, str | None]:
+  """``(section, subsection)`` modules of a defining module.
+
+  ``eva_optax._src.eva`` (flat) is its own section; ``eva_optax._src.optimizers.eva``
+  is a subsection of ``eva_optax._src.optimizers``. Anything outside ``_src`` (a
+  public module) is a section of its own.
+  """
+  if not module.startswith(f"{SRC}."):
+    return module, None
+  parts = module[len(SRC) + 1:].split(".")
+  if len(parts) == 1:
+    return module, None
+  return f"{SRC}.{parts[0]}", module
 
 
-def _title(module: str) -> str:
-  if module in TOPICS:
-    return TOPICS[module]
+_ROLE = re.compile(r":[\w:]+:`~?([^`]+)`")
+
+
+def summary(module: str) -> str:
+  """A title from a module's docstring: its first paragraph, up to the first
+  colon or full stop, with cross-reference roles shown as literals."""
   try:
-    doc = inspect.getdoc(importlib.import_module(f"{PACKAGE}._src.{module}")) or module
+    doc = inspect.getdoc(importlib.import_module(module)) or ""
   except ImportError:
-    doc = inspect.getdoc(importlib.import_module(module)) or module
-  return doc.splitlines()[0].rstrip(".")
+    doc = ""
+  paragraph = " ".join(doc.split("\n\n", 1)[0].split())
+  paragraph = _ROLE.sub(r"``\1``", paragraph)
+  title = re.split(r"(?<!\.)[:.](?:\s|$)", paragraph, maxsplit=1)[0].strip()
+  return title or module.rsplit(".", 1)[-1]
 
 
 def _constant_doc(module: str, attribute: str) -> list[str]:
   """The ``#:`` comment (or string after the assignment) of a constant in its module."""
   try:
-    docs = ModuleAnalyzer.for_module(f"{PACKAGE}._src.{module}").find_attr_docs()
+    docs = ModuleAnalyzer.for_module(module).find_attr_docs()
   except PycodeError:
     return []
   return list(docs.get(("", attribute), []))
-
-
-def _submodule_title(module: str) -> str:
-  doc = inspect.getdoc(importlib.import_module(module)) or ""
-  first = doc.splitlines()[0].rstrip(".") if doc else ""
-  return f"{module}: {first}" if first else module
 
 
 def _directive(name: str, obj: Any, source: tuple[str, str]) -> list[str]:
@@ -144,24 +153,38 @@ def _directive(name: str, obj: Any, source: tuple[str, str]) -> list[str]:
   return [f".. py:data:: {name}", f"   :value: {obj!r}", ""] + [f"   {l}" for l in doc]
 
 
+def _heading(title: str, underline: str) -> list[str]:
+  return [title, underline * len(title), ""]
+
+
 def api_rst() -> list[str]:
-  """The reStructuredText of the whole reference."""
-  order = list(dict.fromkeys(TOPICS.values()))
-  groups: dict[str, list[str]] = {}
+  """The reStructuredText of the whole reference.
+
+  ``{section module: {subsection module or None: [public names]}}``, then one
+  section per ``_src`` module or subpackage in the tree's order, and one per
+  public submodule (``eva_optax.nnx``) last.
+  """
   names = public_names()
   sources = {name: _source_module(name, obj) for name, obj in names.items()}
+  groups: dict[tuple[bool, str], dict[str | None, list[str]]] = {}
   for name in names:
     parts = name.split(".")
     if len(parts) > 2:       # a public submodule (eva_optax.nnx): one section of its own
-      groups.setdefault(_submodule_title(".".join(parts[:-1])), []).append(name)
+      section, subsection = (True, ".".join(parts[:-1])), None
     else:
-      groups.setdefault(_title(sources[name][0]), []).append(name)
-  titles = sorted(groups, key=lambda t: (order.index(t) if t in order else len(order), t))
+      module, subsection = _place(sources[name][0])
+      section = (False, module)
+    groups.setdefault(section, {}).setdefault(subsection, []).append(name)
   lines = []
-  for title in titles:
-    lines += [title, "-" * len(title), ""]
-    for name in sorted(groups[title], key=lambda n: (n.count("."), n.lower())):
-      lines += _directive(name, names[name], sources[name]) + [""]
+  for (public, section) in sorted(groups):
+    title = f"{section}: {summary(section)}" if public else summary(section)
+    lines += _heading(title, "-")
+    for subsection in sorted(groups[(public, section)], key=lambda m: m or ""):
+      if subsection is not None:
+        lines += _heading(summary(subsection), "~")
+      members = groups[(public, section)][subsection]
+      for name in sorted(members, key=lambda n: (n.count("."), n.lower())):
+        lines += _directive(name, names[name], sources[name]) + [""]
   return lines
 
 

@@ -1,0 +1,2 @@
+"""The capture: gradients plus per-layer statistics from unmodified Flax models
+(linen through intercepted methods, NNX through wrapped layer methods)."""

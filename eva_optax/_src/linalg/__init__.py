@@ -1,0 +1,1 @@
+"""Closed forms and dense linear algebra: the numerics under every preconditioner."""

@@ -1,0 +1,223 @@
+"""The closed forms of the vectorized (rank-one) curvature: Sherman-Morrison.
+
+Every method of the Eva family approximates a curvature block by a rank-one
+term plus damping, ``v v^T + gamma I``, and applies its inverse in closed form,
+``(v v^T + gamma I)^{-1} x = (x - v (v^T x) / (gamma + |v|^2)) / gamma``, so no
+matrix is formed or inverted:
+
+* Eva: ``v = a (x) g`` over one layer's ``(d_in [+1], d_out)`` gradient
+  (:func:`eva_solve`);
+* Eva-f: ``a a^T`` on the input side only (:func:`eva_f_solve`);
+* Eva-s: ``u = s_1 (x) ... (x) s_r`` over a gradient tensor of rank ``r``,
+  one vector per axis (:func:`eva_s_direction`, and the plain
+  :func:`eva_s_solve`), with the mean vectors it accumulates
+  (:func:`mean_vectors`).
+
+References:
+  Zhang et al., "Eva: A General Vectorized Approximation Framework for
+  Second-order Optimization" (the journal version of `Eva: Practical
+  Second-order Optimization with Kronecker-vectorized Approximation
+  <https://openreview.net/forum?id=_Mic8V96Voy>`_, ICLR 2023), section "Eva-s".
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from eva_optax._src.linalg.pow2 import scaled_damping
+from eva_optax._src.linalg.pow2 import pow2_scale
+
+Array = jax.Array
+
+# The part of T orthogonal to u that float32 cannot tell from rounding: below
+# _RESOLUTION * |T|, the residual of T - <T, u_hat> u_hat is treated as zero.
+_RESOLUTION = 4 * float(jnp.finfo(jnp.float32).eps)
+
+
+def rank_one_tensor(vectors: list[Array]) -> Array:
+  """``s_1 o s_2 o ... o s_r`` as a tensor of shape ``(len(s_1), ..., len(s_r))``."""
+  out = vectors[0]
+  for v in vectors[1:]:
+    out = out[..., None] * v.reshape((1,) * out.ndim + v.shape)
+  return out
+
+
+def _contract(t: Array, vectors: list[Array]) -> Array:
+  """``<t, s_1 o ... o s_r>`` by contracting one axis at a time."""
+  c = t
+  for v in vectors:
+    c = jnp.tensordot(v, c, axes=(0, 0))
+  return c
+
+
+def _unit(v: Array) -> tuple[Array, Array]:
+  """``(v / |v|, log |v|)`` by max-abs scaling; ``(0, -inf)`` for ``v = 0``."""
+  m = jnp.max(jnp.abs(v))
+  safe = jnp.where(m > 0, m, 1.0)
+  w = v / safe
+  n = jnp.sqrt(jnp.sum(w * w))
+  unit = w / jnp.where(n > 0, n, 1.0)
+  log_norm = jnp.where(m > 0, jnp.log(safe) + jnp.log(jnp.where(n > 0, n, 1.0)),
+                       -jnp.inf)
+  return unit, log_norm
+
+
+def eva_s_direction(t: Array, vectors: list[Array], damping: Array) -> Array:
+  """The direction of ``(u u^T + damping I)^{-1} vec(T)``, ``u = s_1 (x) ... (x) s_r``.
+
+  .. math::
+    \\gamma (u u^T + \\gamma I)^{-1} T
+      = \\underbrace{T - \\langle T, \\hat u\\rangle \\hat u}_{R}
+      + \\frac{\\gamma}{\\gamma + \\mu} \\langle T, \\hat u\\rangle \\hat u,
+    \\qquad \\hat u = \\frac{u}{|u|}, \\quad \\mu = \\prod_i |s_i|^2
+
+  Sherman-Morrison rearranged for float32: the vectors are normalized (their
+  norms enter only through ``log mu``), ``gamma / (gamma + mu)`` is a sigmoid of
+  ``log gamma - log mu`` (no overflow of ``mu``, no ``1 - w`` cancellation),
+  ``T`` is scaled by its max-abs, the residual ``R`` is re-projected once, and a
+  residual below float32's resolution of ``T`` (``4 eps |T|``) is treated as
+  zero (shrunk by ``max(0, 1 - (4 eps |T| / |R|)^2)``, continuous), as rank-
+  revealing solvers treat singular values below ``eps`` times the largest. The
+  result is the exact Eva-s direction of a gradient within ``4 eps |T|`` of
+  ``T``: for a rank-one gradient (a batch of one), where ``R`` is rounding noise
+  and the answer is ``T`` itself, it is ``T``'s direction. The scale of the
+  result is arbitrary (of the order of ``T / max|T|``); the caller grafts it.
+
+  Args:
+    t: the gradient tensor ``T`` (float32, rank ``r >= 2``).
+    vectors: ``[s_1, ..., s_r]``, float32, ``len(s_i) = T.shape[i]``.
+    damping: ``gamma > 0``.
+
+  Returns:
+    A float32 tensor of ``T``'s shape along ``(u u^T + gamma I)^{-1} vec(T)``.
+  """
+  m = jnp.max(jnp.abs(t))
+  tn = t / jnp.where(m > 0, m, 1.0)
+  units, logs = zip(*[_unit(v) for v in vectors])
+  units = list(units)
+  log_mu = 2.0 * sum(logs)
+  keep = jax.nn.sigmoid(jnp.log(damping) - log_mu)   # gamma / (gamma + mu)
+  q = 1.0
+  for u in units:
+    q = q * jnp.vdot(u, u)                            # |u_hat|^2, 1 up to rounding
+  q = jnp.where(q > 0, q, 1.0)
+  u_hat = rank_one_tensor(units)
+  c = _contract(tn, units) / q
+  resid = tn - c * u_hat
+  resid = resid - (_contract(resid, units) / q) * u_hat
+  r2 = jnp.sum(resid * resid)
+  tol2 = jnp.square(_RESOLUTION) * jnp.sum(tn * tn)
+  resid = resid * jnp.maximum(0.0, 1.0 - tol2 / jnp.where(r2 > 0, r2, 1.0))
+  return resid + (keep * c) * u_hat
+
+
+def eva_s_solve(t: Array, vectors: list[Array], damping: Array) -> Array:
+  """``(u u^T + damping I)^{-1} vec(T)`` with ``u = s_1 (x) ... (x) s_r`` (per tensor).
+
+  .. math::
+    P = \\frac{1}{\\gamma}\\Big[T - \\frac{\\langle T, s_1\\circ\\cdots\\circ s_r\\rangle}
+        {\\gamma + \\prod_i \\|s_i\\|^2}\\, s_1\\circ\\cdots\\circ s_r\\Big]
+
+  The plain closed form, for moderate scales (tests and diagnostics); the
+  optimizer uses :func:`eva_s_direction`, which is safe for any finite input.
+  """
+  c = _contract(t, vectors)
+  mu = 1.0
+  for v in vectors:
+    mu = mu * jnp.vdot(v, v)
+  return (t - (c / (damping + mu)) * rank_one_tensor(vectors)) / damping
+
+
+def mean_vectors(t: Array) -> tuple[Array, ...]:
+  """``s_i`` = mean of ``t`` over every axis but ``i``, one vector per axis.
+
+  Computed on ``t`` scaled by its max-abs, so that no sum overflows.
+  """
+  m = jnp.max(jnp.abs(t))
+  safe = jnp.where(m > 0, m, 1.0)
+  tn = t / safe
+  axes = range(t.ndim)
+  return tuple(safe * jnp.mean(tn, axis=tuple(j for j in axes if j != i))
+               for i in axes)
+
+# ----------------------------------------------------------------------------
+# Eva and Eva-f: the rank-one closed forms of one layer, in its
+# ``(d_in [+1], d_out)`` view (a Flax kernel with the bias as a last row; the
+# paper's ``G_hat (d_out x d_in)`` is our ``G_hat^T``), taken in its two
+# pieces, kernel and bias row.
+
+
+def _split(a: Array, d_in: int) -> tuple[Array, Array | None]:
+  """``a = [a_kernel; a_bias]``: the kernel part and the bias entry (or None)."""
+  return a[:d_in], (a[d_in] if a.shape[0] > d_in else None)
+
+
+def _sq(x: Array | None) -> Array:
+  return jnp.zeros((), jnp.float32) if x is None else jnp.vdot(x, x)
+
+
+def _inner(u_kernel: Array, kernel: Array, u_bias: Array | None,
+           bias: Array | None) -> Array:
+  inner = jnp.vdot(u_kernel, kernel)
+  return inner if bias is None else inner + jnp.vdot(u_bias, bias)
+
+
+def eva_solve(kernel: Array, bias: Array | None, a: Array, g: Array,
+              damping: Array) -> tuple[Array, Array | None, Array]:
+  """``U = (v v^T + damping I)^{-1} vec(G_hat)``, ``v = vec(a g^T)`` (Sherman-Morrison).
+
+  .. math::
+    U = \\frac{1}{\\gamma}\\Big[\\hat G - c_\\gamma\\, a g^T\\Big], \\quad
+    c_\\gamma = \\frac{a^T \\hat G g}{\\gamma + \\|a\\|^2\\|g\\|^2}
+
+  ``G_hat = [kernel; bias]`` is taken in its two pieces (``kernel`` of shape
+  ``(d_in, d_out)``, ``bias`` of shape ``(d_out,)`` or None; ``a`` has the bias
+  entry last), so the ``(d_in + 1, d_out)`` matrix is never built. Costs one
+  matrix-vector product and one rank-one update; no matrix inverse.
+
+  ``a`` and ``g`` are first divided by powers of two ``s_a, s_g`` (exact) and the
+  damping by ``(s_a s_g)^2`` in log space, so ``|a|^2 |g|^2`` cannot overflow or
+  underflow: inputs scaled by ``1e15`` give the same update as unscaled ones
+  (the limit ``gamma -> 0``, a projection, when the scaled damping underflows).
+
+  Returns:
+    ``(U_kernel, U_bias, <U, G_hat>)``; the inner product for the KL scalings.
+  """
+  sa, sg = pow2_scale(a), pow2_scale(g)
+  a, g = a / sa, g / sg
+  gamma = scaled_damping(damping, sa, sg)
+  ak, ab = _split(a, kernel.shape[0])
+  c = jnp.vdot(ak, kernel @ g)
+  if bias is not None:
+    c = c + ab * jnp.vdot(bias, g)
+  coef = c / (_sq(a) * _sq(g) + gamma)
+  v_kernel = kernel - coef * jnp.outer(ak, g)
+  v_bias = None if bias is None else bias - (coef * ab) * g
+  inner = _inner(v_kernel, kernel, v_bias, bias) / damping
+  return (v_kernel / damping, None if v_bias is None else v_bias / damping, inner)
+
+
+def eva_f_solve(kernel: Array, bias: Array | None, a: Array,
+                damping: Array) -> tuple[Array, Array | None, Array]:
+  """``U = (a a^T + damping I)^{-1} G_hat`` (the paper's ``G_hat (a a^T + γI)^{-1}``).
+
+  .. math::
+    U = \\frac{1}{\\gamma}\\Big[\\hat G - a r^T\\Big], \\quad
+    r = \\frac{\\hat G^T a}{\\gamma + \\|a\\|^2}
+
+  In the two pieces of ``G_hat`` as :func:`eva_solve` (``a`` rescaled the same
+  way), and returns the same triple.
+  """
+  sa = pow2_scale(a)
+  a = a / sa
+  gamma = scaled_damping(damping, sa)
+  ak, ab = _split(a, kernel.shape[0])
+  ga = ak @ kernel
+  if bias is not None:
+    ga = ga + ab * bias
+  r = ga / (_sq(a) + gamma)
+  v_kernel = kernel - jnp.outer(ak, r)
+  v_bias = None if bias is None else bias - ab * r
+  inner = _inner(v_kernel, kernel, v_bias, bias) / damping
+  return (v_kernel / damping, None if v_bias is None else v_bias / damping, inner)

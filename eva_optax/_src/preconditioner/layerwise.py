@@ -1,0 +1,280 @@
+"""The layer-wise preconditioner shared by Eva, Eva-f, K-FAC and FOOF.
+
+For every layer of the gradients (a node with a ``kernel`` or an ``embedding``)
+the gradient is read through the layer's view (:mod:`eva_optax._src.views`, as
+the capture saw the layer: stacked layers are a stack of independent layers)
+as ``G_hat = [kernel_2d; bias]`` of shape ``(d_in + 1, d_out)`` per slice. One
+update:
+
+1. folds the statistics passed as ``stats=`` into running averages (every
+   ``stats_every`` steps; the first observation initialises them; the new
+   statistic gets weight ``stat_decay``; statistics that are not all finite are
+   skipped and counted);
+2. every ``refresh_every`` steps, recomputes the method's expensive state
+   (inverses, eigendecompositions) inside :func:`jax.lax.cond`;
+3. preconditions every slice of every captured layer with the method's solve
+   (vectorized over the slices), on the gradient divided by a global power of
+   two (exact; so huge but finite gradients cannot overflow the inner products);
+4. applies one global scaling over the captured layers (none, KL-clip or
+   KL-normalization, see :mod:`eva_optax._src.kl`);
+5. writes the result back into ``{kernel, bias}`` (boxes kept) in the gradient
+   dtype.
+
+Parameters outside captured layers, and layers the capture reported as not
+captured, keep their gradient. Statistics of layers that are not in the
+gradients (another part of an ``optax.partition``) are ignored. A step whose
+gradient is not finite, or whose damping (or ``stat_decay``) is out of range at
+run time, returns zeros and is counted (``skipped_count``,
+``invalid_hparam_count``), so the parameters stay finite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from eva_optax._src.preconditioner import counters
+from eva_optax._src.preconditioner import kl
+from eva_optax._src.linalg import pow2
+from eva_optax._src.preconditioner import matching
+from eva_optax._src.preconditioner import validation
+from eva_optax._src.vocabulary import views as views_lib
+
+Array = jax.Array
+LayerState = dict[str, Array]
+
+
+class LayerwiseState(NamedTuple):
+  """State of a layer-wise (Kronecker) preconditioner: Eva, Eva-f, K-FAC, FOOF.
+
+  Attributes:
+    count: update calls so far.
+    stats_count: statistics folded into the running averages.
+    nonfinite_count: statistics skipped because they were not finite.
+    skipped_count: updates replaced by zeros (non-finite gradient or result).
+    invalid_hparam_count: steps skipped because a run-time hyperparameter
+      (damping, stat_decay) was out of range.
+    layers: per layer path (``"a/b"``), the running averages of its statistics
+      (stack axes in front for stacked layers) and the method's extras
+      (inverses, eigendecompositions).
+
+  References:
+    See :func:`eva_optax.eva` and :func:`eva_optax.kfac`.
+  """
+
+  count: Array            # shape=(), int32: update calls so far.
+  stats_count: Array      # shape=(), int32: statistics folded into the averages.
+  nonfinite_count: Array  # shape=(), int32: statistics skipped as non-finite.
+  skipped_count: Array    # shape=(), int32: updates replaced by zeros (non-finite).
+  invalid_hparam_count: Array  # shape=(), int32: steps skipped for a bad run-time hyperparameter.
+  layers: dict[str, LayerState]  # per layer path "a/b": running averages (+ extras).
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """What distinguishes Eva, Eva-f, K-FAC and FOOF (everything per slice)."""
+
+  name: str
+  statistics: str                   # value_and_grad(statistics=...) it needs
+  stat_keys: tuple[str, ...]        # LayerStatistics fields it averages
+  # (state, kernel_2d, bias or None, damping, view) -> (U_kernel, U_bias, <U, G_hat>)
+  solve: Callable[..., tuple[Array, Array | None, Array]]
+  init_extra: Callable[[views_lib.LayerView], LayerState] = lambda view: {}
+  # (state, damping, view) -> state
+  refresh: Callable[..., LayerState] | None = None
+  # The messages of the eager checks: what damping is to this method, and
+  # what its stat_decay weighs.
+  damping_fix: str = "the paper uses 0.03."
+  stat_decay_fix: str = "It is the weight of the NEW statistic (the paper's 0.95)."
+
+
+def on_stacked_view(solve: Callable[..., Array]):
+  """Adapts a solve on the stacked ``(d_in + 1, d_out)`` matrix ``[kernel; bias]``
+  (K-FAC, FOOF) to :attr:`Method.solve`'s split form; ``<U, G_hat>`` explicitly."""
+  def split_solve(s, kernel, bias, gamma, view):
+    gm = kernel if bias is None else jnp.concatenate([kernel, bias[None]])
+    u = solve(s, gm, gamma, view)
+    d_in = kernel.shape[0]
+    return u[:d_in], (None if bias is None else u[d_in]), jnp.vdot(u, gm)
+  return split_solve
+
+
+def _flat_stack(tree: Any, stack: tuple[int, ...]) -> Any:
+  """Every leaf with its stack axes flattened into one leading axis."""
+  n, k = math.prod(stack), len(stack)
+  return jax.tree.map(lambda x: x.reshape((n,) + x.shape[k:]), tree)
+
+
+def _unflat_stack(tree: Any, stack: tuple[int, ...]) -> Any:
+  return jax.tree.map(lambda x: x.reshape(stack + x.shape[1:]), tree)
+
+
+def _over_slices(fn: Callable[..., Any], per: Any) -> Any:
+  """``fn`` on every slice of a stack: vmapped, except on CPU, where one slice
+  at a time (a compiled loop): jaxlib's batched CPU Cholesky and eigh can
+  deadlock when several run at once on few cores."""
+  if jax.default_backend() == "cpu":
+    return jax.lax.map(fn, per)
+  return jax.vmap(fn)(per)
+
+
+def check_arguments(method: Method, *, damping: Any, stat_decay: Any,
+                    stats_every: Any, refresh_every: Any, refresh_name: str,
+                    kl_clip: Any, kl_normalize: Any, learning_rate: Any) -> str:
+  """The eager checks of every layer-wise optimizer (``scale_by_*`` and its
+  alias alike), under the names the user wrote; returns the scaling name."""
+  validation.check_positive("damping", damping, fix=method.damping_fix)
+  validation.check_unit_interval("stat_decay", stat_decay,
+                                 fix=method.stat_decay_fix)
+  validation.check_interval("stats_every", stats_every)
+  validation.check_interval(refresh_name, refresh_every)
+  if kl_clip is not None:
+    validation.check_not_schedule("kl_clip", kl_clip)
+    validation.check_positive("kl_clip", kl_clip,
+                              fix="The paper's KL-clip uses kappa = 0.001.")
+  if kl_normalize is not None and not isinstance(kl_normalize, bool):
+    raise TypeError(f"kl_normalize must be True, False or None, got "
+                    f"kl_normalize={kl_normalize!r}.")
+  scaling = resolve_scaling(kl_clip, kl_normalize, "none")
+  if scaling == "kl_clip":
+    if learning_rate is None:
+      raise ValueError("kl_clip needs learning_rate (a float or a schedule): the "
+                       "clip bounds lr^2 <U, G>. Pass the optimizer's learning rate.")
+    validation.check_positive("learning_rate", learning_rate)
+  return scaling
+
+
+def resolve_scaling(kl_clip: float | None, kl_normalize: bool | None,
+                    default: str) -> str:
+  """Maps the user-facing ``kl_clip`` / ``kl_normalize`` pair to a scaling name."""
+  if kl_clip is not None and kl_normalize:
+    raise ValueError("Pass either kl_clip (ICLR KL-clip) or kl_normalize=True "
+                     "(journal KL-normalization), not both.")
+  if kl_clip is not None:
+    return "kl_clip"
+  if kl_normalize is None:
+    return default
+  return "kl_normalize" if kl_normalize else "none"
+
+
+def layerwise_preconditioner(
+    method: Method,
+    *,
+    damping: Any,
+    stat_decay: Any,
+    stats_every: int,
+    refresh_every: int = 1,
+    refresh_name: str = "inverse_every",
+    kl_clip: float | None = None,
+    kl_normalize: bool | None = False,
+    learning_rate: Any = None,
+    layer_views: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Builds the optax transformation of one method (see the module docstring).
+
+  ``kl_clip`` / ``kl_normalize`` select the scaling (none by default);
+  ``learning_rate`` is the KL-clip's. ``layer_views``: the views of layers
+  whose shapes alone are ambiguous (stacked layers, bias-free layers with
+  several output axes, Einsum kernels), as a stats tree (or its
+  :func:`jax.eval_shape`) from :func:`eva_optax.value_and_grad`; see
+  :func:`eva_optax.layer_views`.
+  """
+  scaling = check_arguments(
+      method, damping=damping, stat_decay=stat_decay, stats_every=stats_every,
+      refresh_every=refresh_every, refresh_name=refresh_name, kl_clip=kl_clip,
+      kl_normalize=kl_normalize, learning_rate=learning_rate)
+  given_views = matching.views_from(layer_views)
+
+  def init_fn(params):
+    layers = {}
+    for path, node in matching.layer_nodes(params).items():
+      view = matching.initial_view(path, node, given_views)
+      layers[matching.name(path)] = {} if view is None else matching.zero_state(
+          method, view, node[view.param])
+    return LayerwiseState(**counters.zero_counters(), layers=layers)
+
+  def update_fn(updates, state, params=None, *, stats=None, **extra_args):
+    del params, extra_args
+    # The state of a layer whose weight is boxed (nn.Partitioned) is boxed too.
+    state_layers = jax.tree.map(views_lib.unbox, state.layers,
+                                is_leaf=views_lib.is_box)
+    matched = matching.match(method, updates, state_layers, stats, given_views)
+    count = state.count
+    gamma = jnp.asarray(validation.value_at(damping, count), jnp.float32)
+    hp_ok = jnp.logical_and(jnp.isfinite(gamma), gamma > 0)
+    if callable(stat_decay) or hasattr(stat_decay, "dtype"):
+      xi = jnp.asarray(validation.value_at(stat_decay, count), jnp.float32)
+      hp_ok = hp_ok & (xi >= 0) & (xi <= 1)
+    grads_ok = counters.all_finite(updates)
+    safe_gamma = jnp.where(hp_ok, gamma, 1.0)
+
+    # 1. Running averages of the statistics (not from a skipped step).
+    new_obs = {m.name: m.observation for m in matched if m.observation}
+    old_obs = {n: {k: state_layers[n][k] for k in obs} for n, obs in new_obs.items()}
+    averages, due, finite = counters.fold_statistics(
+        state, old_obs, new_obs, stat_decay, stats_every)
+    keep = jnp.logical_and(hp_ok, grads_ok)
+    folded = due & finite & keep
+    averages = jax.tree.map(lambda n, o: jnp.where(keep, n, o), averages, old_obs)
+    layer_states = {n: {**s, **averages.get(n, {})} for n, s in state_layers.items()}
+
+    # 2. Periodic refresh (inverses / eigendecompositions), over the slices.
+    captured = [m for m in matched if m.observation]
+    if method.refresh is not None and captured:
+      def refresh_all(ls):
+        out = dict(ls)
+        for m in captured:
+          per = _flat_stack(ls[m.name], m.view.stack)
+          fn = lambda s, view=m.view: method.refresh(s, safe_gamma, view)
+          out[m.name] = _unflat_stack(_over_slices(fn, per), m.view.stack)
+        return out
+      due_refresh = jnp.logical_and((count % refresh_every) == 0, keep)
+      layer_states = jax.lax.cond(due_refresh, refresh_all, lambda ls: ls,
+                                  layer_states)
+
+    # 3. Precondition each captured layer (all slices at once), in float32, on
+    #    the gradient divided by one global power of two.
+    pieces = {m.name: m.pieces() for m in captured}
+    scale = pow2.pow2_scale(jnp.stack(
+        [jnp.max(jnp.abs(x)) for k, b in pieces.values()
+         for x in (k, b) if x is not None] or [jnp.zeros(())]))
+    results, inner = {}, jnp.zeros((), jnp.float32)
+    for m in captured:
+      kernel, bias = pieces[m.name]
+      per = _flat_stack(layer_states[m.name], m.view.stack)
+      fn = lambda s, k, b, view=m.view: method.solve(s, k, b, safe_gamma, view)
+      uk, ub, inn = jax.vmap(fn)(per, kernel / scale,
+                                 None if bias is None else bias / scale)
+      results[m.name] = (uk, ub)
+      inner = inner + jnp.sum(inn)
+
+    # 4. One global scaling over the captured layers (scale-free where it can).
+    if scaling == "kl_normalize":
+      factor = kl.kl_normalize_scale(inner, safe_gamma, scale)
+    elif scaling == "kl_clip":
+      lr = jnp.asarray(validation.value_at(learning_rate, count), jnp.float32)
+      factor = kl.kl_clip_scale(inner, lr, kl_clip, scale)
+    else:
+      factor = scale
+    results = {n: (uk * factor, None if ub is None else ub * factor)
+               for n, (uk, ub) in results.items()}
+    result_ok = counters.all_finite(results)
+
+    # 5. Back into the updates tree, in the gradient dtype; the safe step.
+    new_updates = matching.write_back(updates, matched, results)
+    ok = jnp.logical_and(keep, result_ok)
+    new_updates = counters.zeros_unless(ok, new_updates)
+    new_state = LayerwiseState(
+        **counters.advance_counters(
+            state, due, finite, skipped=jnp.logical_and(hp_ok, ~ok),
+            invalid_hparam=~hp_ok, folded=folded),
+        layers=jax.tree.map(matching.rebox, state.layers, layer_states,
+                            is_leaf=views_lib.is_box))
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -248,7 +248,6 @@ def flat_views(views: Any) -> dict[str, Any]:
   return {"/".join(_key(k) for k in kp): v for kp, v in leaves if is_view(v)}
 
 
-
 # ----------------------------------------------------------------------------
 # Training: every optimizer, 5 jitted steps on the fixed batch.
 

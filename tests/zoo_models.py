@@ -212,14 +212,18 @@ def hand_tied_lm() -> ZooModel:
 
 
 class Affine(nn.Module):
-  """A client's own linear layer: ``project(x) = x @ w + b`` (registered)."""
+  """A client's own linear layer: ``project(x) = x @ proj_w + proj_b``
+  (registered). The names are the zoo's own: ``register_dense`` makes its
+  weight name a layer name in every parameter tree of the process, and
+  tests/test_conventions.py reads a ``w`` leaf as no layer."""
 
   features: int
 
   @nn.compact
   def project(self, x):
-    w = self.param("w", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
-    b = self.param("b", nn.initializers.normal(0.1), (self.features,))
+    w = self.param("proj_w", nn.initializers.lecun_normal(),
+                   (x.shape[-1], self.features))
+    b = self.param("proj_b", nn.initializers.normal(0.1), (self.features,))
     return jnp.dot(x, w) + b
 
 
@@ -243,7 +247,7 @@ class CustomLM(nn.Module):
 
 
 def register_affine() -> None:
-  eva_optax.register_dense(Affine, kernel="w", bias="b", method="project")
+  eva_optax.register_dense(Affine, kernel="proj_w", bias="proj_b", method="project")
 
 
 def custom_linen() -> ZooModel:

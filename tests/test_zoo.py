@@ -35,8 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import eva_optax
+import eva_optax.nnx
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -90,17 +92,23 @@ def test_rows_reproduce_gradients(name):
   assert any(st.captured for st in stats.values())
 
 
-def test_l2_penalty_keeps_layers_captured():
+@pytest.mark.parametrize("name", ("vit", "gemma_attend"))
+def test_l2_penalty_keeps_layers_captured(name):
   """A penalty on the parameters alone is no other use of them that feeds
   the model's output: every layer stays captured, with exact rows."""
-  z, l2 = zoo("vit"), 1e-2
-  params, _ = initial("vit")
+  z, l2 = zoo(name), 1e-2
+  made, params = initial(name)
 
-  def loss(p, *batch):
-    return z.loss(p, *batch) + l2 * sum(jnp.vdot(w, w) for w in jax.tree.leaves(p))
+  def penalty(p):
+    return l2 * sum(jnp.vdot(w, w) for w in jax.tree.leaves(p))
 
-  _, grads, stats = jax.jit(eva_optax.value_and_grad(loss, statistics="rows"))(
-      params, *z.batch)
+  if z.api == "linen":
+    loss = lambda p, *batch: z.loss(p, *batch) + penalty(p)
+    grad_fn = jax.jit(eva_optax.value_and_grad(loss, statistics="rows"))
+  else:
+    loss = lambda m, *batch: z.loss(m, *batch) + penalty(nnx.state(m, nnx.Param))
+    grad_fn = nnx.jit(eva_optax.nnx.value_and_grad(loss, statistics="rows"))
+  _, grads, stats = grad_fn(made, *z.batch)
   stats = flat_stats(stats)
   reported = {p for p, st in stats.items() if st.captured}
   assert reported == z.captured, {p: stats[p].note for p in z.captured - reported}

@@ -95,7 +95,7 @@ def test_matches_dense_solve(shape, stat_decay):
     ref = _np_eva_s(grads[steps - 1], _np_vectors(grads[:steps], stat_decay),
                     DAMPING)
     assert _rel(outs[steps - 1], ref) < RTOL
-  for got, want in zip(_vectors(state.vectors["<root>"]), _np_vectors(grads, stat_decay)):
+  for got, want in zip(_vectors(state.vectors), _np_vectors(grads, stat_decay)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   assert int(state.count) == 3 and int(state.stats_count) == 3
 
@@ -126,7 +126,7 @@ def test_stats_every():
   # Statistics at steps 0 and 2 only; step 1 uses the step-0 vectors.
   ref = _np_eva_s(grads[1], _np_vectors(grads[:1], None), DAMPING)
   assert _rel(outs[1], ref) < RTOL
-  for got, want in zip(_vectors(state.vectors["<root>"]),
+  for got, want in zip(_vectors(state.vectors),
                        _np_vectors(grads, None, stats_every=2)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   assert int(state.stats_count) == 2

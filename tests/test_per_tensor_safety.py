@@ -248,7 +248,7 @@ def test_eva_s_invalid_damping_skips_the_step(case):
   # The state stays usable: the statistics are those of steps 0 and 2.
   want = [np.mean(np.asarray(grads[i]["Dense_0"]["kernel"]), axis=1)
           for i in (0, 2)]
-  np.testing.assert_allclose(pre.vectors["Dense_0/kernel"]["axis_0"],
+  np.testing.assert_allclose(pre.vectors["Dense_0"]["kernel"]["axis_0"],
                              want[0] + want[1], rtol=1e-5)
 
 

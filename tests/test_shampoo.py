@@ -107,9 +107,9 @@ def test_single_block_matches_reference(shape, stat_decay):
   # One block; the statistics are the plain sums / averages of the 2-D view.
   left, right = _np_stats([g.reshape(-1, shape[-1]).astype(np.float64)
                            for g in grads], stat_decay)
-  np.testing.assert_allclose(_true(states[-1].blocks["<root>"], "L")[0], left, rtol=1e-5,
+  np.testing.assert_allclose(_true(states[-1].blocks, "L")[0], left, rtol=1e-5,
                              atol=1e-5)
-  np.testing.assert_allclose(_true(states[-1].blocks["<root>"], "R")[0], right, rtol=1e-5,
+  np.testing.assert_allclose(_true(states[-1].blocks, "R")[0], right, rtol=1e-5,
                              atol=1e-5)
 
 
@@ -124,7 +124,7 @@ def test_blocked_matches_per_block_reference(shape):
     assert _rel(outs[steps - 1], ref) < RTOL
   # Padding (10 -> 12 rows, 6 -> 8 columns) stays out of the statistics.
   lay = shampoo_lib.block_layout(shape, 4)
-  left = np.asarray(states[-1].blocks["<root>"]["L"]).reshape(lay.nr, lay.nc, 4, 4)
+  left = np.asarray(states[-1].blocks["L"]).reshape(lay.nr, lay.nc, 4, 4)
   pad_rows = lay.nr * 4 - shape[0]
   if pad_rows:
     assert np.all(left[-1, :, 4 - pad_rows:, :] == 0)
@@ -136,7 +136,7 @@ def test_roots_refresh_every_k_steps():
   tx = shampoo_lib.scale_by_shampoo(inverse_every=k, start_preconditioning_step=0,
                                     matrix_eps=EPS)
   outs, states = _run(tx, [jnp.asarray(g) for g in grads])
-  roots = [(np.asarray(s.blocks["<root>"]["L_root"]), np.asarray(s.blocks["<root>"]["R_root"]))
+  roots = [(np.asarray(s.blocks["L_root"]), np.asarray(s.blocks["R_root"]))
            for s in states]
   # Computed at step 0, kept bit-identical at steps 1 and 2, recomputed at step 3.
   for step in (1, 2):
@@ -150,7 +150,7 @@ def test_roots_refresh_every_k_steps():
   assert _rel(outs[2], _np_shampoo(grads[2], grads[:1], 128, EPS)) < RTOL
   assert _rel(outs[3], _np_shampoo(grads[3], grads[:4], 128, EPS)) < RTOL
   left, _ = _np_stats([g.astype(np.float64) for g in grads[:3]], None)
-  np.testing.assert_allclose(_true(states[2].blocks["<root>"], "L")[0], left, rtol=1e-5,
+  np.testing.assert_allclose(_true(states[2].blocks, "L")[0], left, rtol=1e-5,
                              atol=1e-5)
 
 

@@ -50,13 +50,14 @@ class ScaleByEvaSState(NamedTuple):
       ``damping``, ``stat_decay`` or a graft option given as an array, a
       schedule or through :func:`optax.inject_hyperparams` was out of range or
       not finite at that step.
-    vectors: per preconditioned leaf path (``"Dense_0/kernel"``), a dict
-      ``{"axis_0": s_0, ..., "axis_{r-1}": s_{r-1}}`` of float32 vectors
-      (``len(s_i)`` = the tensor's ``shape[i]``; a stacked layer's leaf has the
-      stack's axes in front). Keyed by path, so the state has one structure
-      whatever container the parameters come in (``nnx.Optimizer`` included).
-    graft: per leaf path, the graft's float32 accumulator (the AdaGrad root
-      sum of squares or the RMSProp RMS); empty for ``graft="sgd"``.
+    vectors: like the parameters (their boxes and NNX variables removed): for
+      a leaf of rank >= 2 a dict ``{"axis_0": s_0, ..., "axis_{r-1}": s_{r-1}}``
+      of float32 vectors (``len(s_i)`` = the tensor's ``shape[i]``; a stacked
+      layer's leaf has the stack's axes in front); ``None`` for the leaves that
+      are not preconditioned.
+    graft: like the parameters: the graft's float32 accumulator per leaf (the
+      AdaGrad root sum of squares or the RMSProp RMS), or ``None`` for every
+      leaf with ``graft="sgd"``.
   """
 
   count: Array            # shape=(), dtype=jnp.int32.
@@ -64,8 +65,8 @@ class ScaleByEvaSState(NamedTuple):
   nonfinite_count: Array  # shape=(), dtype=jnp.int32.
   skipped_count: Array    # shape=(), dtype=jnp.int32.
   invalid_hparam_count: Array  # shape=(), dtype=jnp.int32.
-  vectors: dict[str, dict[str, Array]]
-  graft: dict[str, Array]
+  vectors: Any
+  graft: Any
 
 
 def _vectors(state: dict[str, Array]) -> list[Array]:

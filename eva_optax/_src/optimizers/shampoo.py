@@ -54,7 +54,8 @@ class ScaleByShampooState(NamedTuple):
       refresh) because ``stat_decay``, ``matrix_eps`` or a graft option given
       as an array, a schedule or through :func:`optax.inject_hyperparams` was
       out of range or not finite at that step.
-    blocks: per preconditioned leaf path (``"Dense_0/kernel"``), a dict of float32 arrays,
+    blocks: like the parameters (their boxes and NNX variables removed): for a
+      leaf of rank >= 2 a dict of float32 arrays,
       ``"L"`` and ``"L_root"`` of shape ``(blocks, br, br)``, ``"R"`` and
       ``"R_root"`` of shape ``(blocks, bc, bc)``, ``"log_scale"`` and
       ``"root_log_scale"`` of shape ``(blocks,)``: the statistics divided by
@@ -62,10 +63,8 @@ class ScaleByShampooState(NamedTuple):
       normalized statistics and the log trace they were computed at (the true
       ``L`` is ``exp(log_scale) * L``); ``None`` for the leaves that are not
       preconditioned. A stacked layer's leaf has the stack's axes in front.
-      Keyed by path, so the state has one structure whatever container the
-      parameters come in (``nnx.Optimizer`` included).
-    graft: per leaf path, the graft's float32 accumulator; empty for
-      ``graft="sgd"``.
+    graft: like the parameters: the graft's float32 accumulator per leaf, or
+      ``None`` for every leaf with ``graft="sgd"``.
   """
 
   count: Array            # shape=(), dtype=jnp.int32.
@@ -73,8 +72,8 @@ class ScaleByShampooState(NamedTuple):
   nonfinite_count: Array  # shape=(), dtype=jnp.int32.
   skipped_count: Array    # shape=(), dtype=jnp.int32.
   invalid_hparam_count: Array  # shape=(), dtype=jnp.int32.
-  blocks: dict[str, dict[str, Array]]
-  graft: dict[str, Array]
+  blocks: Any
+  graft: Any
 
 
 ROOT = 4          # L^{-1/4} G R^{-1/4}: the 2-D Shampoo exponent -1/(2 r), r = 2.

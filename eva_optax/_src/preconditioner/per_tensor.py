@@ -91,10 +91,16 @@ def _name(path) -> str:
   return "/".join(keys) if keys else "<root>"
 
 
+def unboxed(tree: Any) -> Any:
+  """``tree`` with its Flax metadata boxes and NNX variables replaced by their
+  arrays: the structure of the state, the same for the ``nnx.State`` of
+  Variables that ``nnx.Optimizer`` gives ``init`` and the pure one it gives
+  ``update``, and for boxed parameters and their gradients."""
+  return jax.tree.map(views_lib.unbox, tree, is_leaf=views_lib.is_box)
+
+
 def named_leaves(tree: Any) -> dict[str, Any]:
-  """``{path: leaf}``, leaves kept in their boxes (Flax metadata, NNX
-  variables); paths skip the boxes' own fields, so a tree and its unboxed,
-  pure or ``nnx.State`` forms give the same names."""
+  """``{path: leaf}`` in flattening order (paths skip the boxes' fields)."""
   leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=views_lib.is_box)[0]
   return {_name(path): leaf for path, leaf in leaves}
 
@@ -148,18 +154,6 @@ def over_stack(fn: Callable[..., Any], depth: int, **vmap_kwargs: Any
   return fn
 
 
-def _box_like(weight: Any, state: SliceState, depth: int) -> SliceState:
-  """``state`` boxed like ``weight`` when it is an ``nn.Partitioned`` box: the
-  stack axes keep the weight's names (so ``nn.get_partition_spec`` shards a
-  stacked layer's state along its stack), the other axes get ``None``."""
-  names = getattr(weight, "names", None)
-  if names is None or not hasattr(weight, "replace"):
-    return state
-  stack_names = tuple(names[:depth])
-  return {k: weight.replace(value=v, names=stack_names + (None,) * (
-      v.ndim - depth)) for k, v in state.items()}
-
-
 def _check_state(method: TensorMethod, name: str, shape: tuple[int, ...],
                  depth: int, state: Any, acc: Any, graft: str) -> None:
   """The state of one leaf matches its gradient, or a ValueError naming both."""
@@ -188,7 +182,10 @@ def _check_stacks(method: TensorMethod, updates: Any, depths: dict[str, int],
                   stats: Any) -> None:
   """Where statistics are passed (harmless to these optimizers), a layer they
   say is stacked must not be read as one tensor: that would mix its layers."""
-  captured = {"/".join(path) for path in matching.views_from(stats)}
+  try:
+    captured = {"/".join(path) for path in matching.views_from(stats)}
+  except TypeError:      # not statistics: nothing to learn from them
+    return
   known = stack_depths(updates, stats)
   for name, depth in depths.items():
     layer = name.rsplit("/", 1)[0] if "/" in name else ""
@@ -228,10 +225,10 @@ def per_tensor_preconditioner(
   """Builds the optax transformation of one method (see the module docstring).
 
   ``state_class`` is the method's public state: a NamedTuple of the counters
-  (:data:`counters.COUNTERS`), one field for the per-tensor states (per
-  preconditioned leaf path, the method's state; stack axes in front) and
-  ``graft`` (per leaf path, the graft's accumulator; empty for
-  ``graft="sgd"``). The
+  (:data:`counters.COUNTERS`), one field for the per-tensor states (like the
+  unboxed parameters: the method's state per preconditioned leaf, stack axes
+  in front, ``None`` elsewhere) and ``graft`` (like the unboxed parameters:
+  the graft's accumulators, ``None`` for ``graft="sgd"``). The
   hyperparameters are checked by the caller; here they are used: ``damping``
   (a number, an array or a schedule) is checked again at run time, like
   ``stat_decay`` and the graft's options.
@@ -259,43 +256,38 @@ def per_tensor_preconditioner(
     return refreshers[key]
 
   def init_fn(params):
-    leaves = named_leaves(params)
+    plain = unboxed(params)
+    leaves, treedef = jax.tree.flatten(plain)
     depths = stack_depths(params, layer_views)
-    tensors, accs = {}, {}
-    for name, leaf in leaves.items():
-      value = views_lib.unbox(leaf)
-      shape, depth = tuple(value.shape), depths[name]
+    tensors = []
+    for name, leaf in zip(named_leaves(plain), leaves):
+      shape, depth = tuple(leaf.shape), depths[name]
       if is_preconditioned(shape, depth):
         one = method.init(shape[depth:])
-        state = {k: jnp.broadcast_to(v, shape[:depth] + v.shape)
-                 for k, v in one.items()}
-        tensors[name] = _box_like(leaf, state, depth)
-      if graft != "sgd":
-        accs[name] = matching.rebox(leaf, grafting.init(graft, value))
-    return make_state(tensors, accs, **counters.zero_counters())
+        tensors.append({k: jnp.broadcast_to(v, shape[:depth] + v.shape)
+                        for k, v in one.items()})
+      else:
+        tensors.append(None)
+    accs = [grafting.init(graft, leaf) for leaf in leaves]
+    return make_state(jax.tree.unflatten(treedef, tensors),
+                      jax.tree.unflatten(treedef, accs),
+                      **counters.zero_counters())
 
   def update_fn(updates, state, params=None, *, stats=None, **extra_args):
     del params, extra_args
-    leaves, treedef = jax.tree.flatten(updates)
-    names = list(named_leaves(updates))
+    plain = unboxed(updates)
+    leaves, treedef = jax.tree.flatten(plain)
+    names = list(named_leaves(plain))
     if len(names) != len(leaves):
       raise ValueError(f"{method.name}: two leaves of the updates have the "
                        "same path; give each parameter its own name.")
     depths = stack_depths(updates, layer_views)
     if stats is not None and layer_views is None:
       _check_stacks(method, updates, depths, stats)
-    boxed_tensors = getattr(state, field)
-    old = jax.tree.map(views_lib.unbox, boxed_tensors, is_leaf=views_lib.is_box)
-    accs = jax.tree.map(views_lib.unbox, state.graft, is_leaf=views_lib.is_box)
-    missing = sorted(set(old) - set(names))
-    if missing:
-      raise ValueError(
-          f"{method.name}: the gradients lack the leaves {missing} that were in "
-          "the params given to init; the updates tree does not match the "
-          "optimizer state.")
-    for name, g in zip(names, leaves):
-      _check_state(method, name, tuple(jnp.shape(g)), depths[name],
-                   old.get(name), accs.get(name), graft)
+    old = tree_utils.leaves_like(treedef, getattr(state, field), method.name)
+    accs = tree_utils.leaves_like(treedef, state.graft, method.name)
+    for name, g, o, a in zip(names, leaves, old, accs):
+      _check_state(method, name, tuple(g.shape), depths[name], o, a, graft)
 
     count = state.count
     gamma = jnp.asarray(validation.value_at(damping, count), jnp.float32)
@@ -311,6 +303,8 @@ def per_tensor_preconditioner(
     safe_gamma = jnp.where(ok_hp, gamma, 1.0)
     grads_finite = counters.all_finite(leaves)
 
+    old = {n: o for n, o in zip(names, old) if o is not None}
+    accs = dict(zip(names, accs))
     with jax.default_matmul_precision("highest"):
       tensors = {n: g.astype(jnp.float32) for n, g in zip(names, leaves)}
       # 1. Statistics, folded in when due (never from a skipped step).
@@ -342,7 +336,7 @@ def per_tensor_preconditioner(
                                 grafting.norm(size))
       for n in names:
         t = tensors[n]
-        size, new_accs[n] = grafting.step(graft, t, accs.get(n), graft_count,
+        size, new_accs[n] = grafting.step(graft, t, accs[n], graft_count,
                                           graft_decay, graft_eps)
         if n in new:
           p = over_stack(one, depths[n])(t, new[n], size)
@@ -352,15 +346,15 @@ def per_tensor_preconditioner(
     skipped = ~(grads_finite & counters.all_finite(out))
     apply = ok_hp & ~skipped
     out = counters.zeros_unless(apply, out)
-    new_accs = {n: jnp.where(apply, new_accs[n], a) for n, a in accs.items()}
+    new_accs = [None if accs[n] is None else jnp.where(apply, new_accs[n], accs[n])
+                for n in names]
     new_state = make_state(
-        jax.tree.map(matching.rebox, boxed_tensors, new, is_leaf=views_lib.is_box),
-        jax.tree.map(matching.rebox, state.graft, new_accs,
-                     is_leaf=views_lib.is_box),
+        jax.tree.unflatten(treedef, [new.get(n) for n in names]),
+        jax.tree.unflatten(treedef, new_accs),
         **counters.advance_counters(state, due, finite, skipped=skipped,
                                     invalid_hparam=~ok_hp))
-    updates = [o.astype(g.dtype) for o, g in zip(out, leaves)]
-    return jax.tree.unflatten(treedef, updates), new_state
+    out = [o.astype(g.dtype) for o, g in zip(out, leaves)]
+    return jax.tree.unflatten(jax.tree.structure(updates), out), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -58,6 +58,9 @@ WITH_UNCAPTURED = ("bert", "gpt2", "hand_tied_lm", "unregistered", "gemma_hand")
 
 @pytest.mark.parametrize("name", MODELS)
 def test_capture_reports_expected_layers(name):
+  """The zoo's captured layers are reported captured, its tied and
+  unregistered ones not captured with the reason; every layer node is one or
+  the other. The summary prints with ``pytest -s``."""
   z = zoo(name)
   assert bool(z.not_captured) == (name in WITH_UNCAPTURED)
   stats = captured(name, "vectors")[2]
@@ -82,10 +85,10 @@ def test_capture_reports_expected_layers(name):
   assert 0.0 < share <= 1.0
 
 
-
-
 @pytest.mark.parametrize("name", MODELS)
 def test_rows_reproduce_gradients(name):
+  """Every layer reported captured: sum over rows of a g^T = the gradient of
+  [W; b] read through its view, within the float32 bound of that sum."""
   _, grads, stats = captured(name, "rows")
   failures = rows_failures(grads, stats)
   assert not failures, f"{name}:\n" + "\n".join(failures)
@@ -118,6 +121,8 @@ def test_l2_penalty_keeps_layers_captured(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_capture_keeps_loss_and_gradients(name):
+  """The taps change neither the loss nor the gradients (against
+  jax.value_and_grad / nnx.value_and_grad of the same loss)."""
   loss, grads, _ = captured(name, "rows")
   ref_loss, ref_grads, _ = captured(name, None)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
@@ -131,6 +136,8 @@ def test_capture_keeps_loss_and_gradients(name):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_layer_views_match_statistics(name):
+  """eva_optax.layer_views (linen parameters or an NNX model) gives the views
+  the statistics carry, for exactly the captured layers."""
   z = zoo(name)
   made, _ = initial(name)
   views = flat_views(eva_optax.layer_views(z.loss, made, *z.batch))
@@ -138,9 +145,11 @@ def test_layer_views_match_statistics(name):
   assert views == {p: st.view for p, st in stats.items() if st.captured}
 
 
+# ----------------------------------------------------------------------------
+# Every optimizer on every zoo model.
 
 
-@pytest.mark.parametrize("opt", ("eva", "eva_f", "eva_s", "kfac", "foof", "shampoo"))
+@pytest.mark.parametrize("opt", tuple(OPTIMIZERS))
 @pytest.mark.parametrize("name", MODELS)
 def test_init_accepts_the_tree_without_views(name, opt):
   """Uncaptured means untouched: ``init`` takes any parameter tree, with no
@@ -150,11 +159,11 @@ def test_init_accepts_the_tree_without_views(name, opt):
   jax.eval_shape(alias(lr).init, params)      # shapes only: no compilation
 
 
-
-
 @pytest.mark.parametrize("opt", tuple(OPTIMIZERS))
 @pytest.mark.parametrize("name", MODELS)
 def test_every_optimizer_trains(name, opt):
+  """5 jitted steps on the fixed batch (with the capture's layer_views):
+  finite parameters, the loss lower at the end."""
   losses, params = train(name, opt)
   assert all(np.isfinite(losses)), losses
   for p, v in flat_leaves(params).items():
@@ -165,12 +174,10 @@ def test_every_optimizer_trains(name, opt):
 # ----------------------------------------------------------------------------
 # A layer not captured passes its gradient through.
 
-
-
-
 @pytest.mark.parametrize("opt", LAYERWISE)
 @pytest.mark.parametrize("name", WITH_UNCAPTURED)
 def test_not_captured_layer_gets_the_plain_gradient(name, opt):
+  """The layer-wise optimizers leave a layer not captured to the plain chain."""
   z = zoo(name)
   assert z.not_captured
   lr = OPTIMIZERS[opt][1]

@@ -19,6 +19,7 @@ from eva_optax._src.optimizers.foof import foof
 from eva_optax._src.optimizers.foof import scale_by_foof
 from eva_optax._src.optimizers.kfac import kfac
 from eva_optax._src.optimizers.kfac import scale_by_kfac
+from eva_optax._src.optimizers.refresh_plan import refresh_plan
 from eva_optax._src.optimizers.shampoo import ScaleByShampooState
 from eva_optax._src.optimizers.shampoo import scale_by_shampoo
 from eva_optax._src.optimizers.shampoo import shampoo
@@ -51,6 +52,7 @@ __all__ = (
     "foof",
     "kfac",
     "layer_views",
+    "refresh_plan",
     "register_dense",
     "scale_by_eva",
     "scale_by_eva_f",

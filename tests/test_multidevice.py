@@ -165,3 +165,66 @@ def test_scaling_benchmark_quick(tmp_path):
   for name, o in row["optimizers"].items():
     assert math.isfinite(o["ratio_vs_sgd"]) and o["ratio_vs_sgd"] > 0, name
     assert o["nested_bytes"] == 0, name   # nothing communicated inside cond/while
+
+
+def test_explicit_sharding_equals_one_device():
+  """Under jax.set_mesh with Explicit axes, every optimizer trains (statistics
+  and updates computed with the axes in Auto mode) and equals one device: data
+  parallel and FSDP-sharded kernels, within 10x the round-off floor of the same
+  steps on row-permuted batches (or B * eps32 where that floor is smaller);
+  updated parameters keep their shardings; step 1's statistics equal one
+  device's within 2 B eps32 (a sum over B = 64 rows in another order)."""
+  result = run_script("explicit_sharding.py", devices=8, timeout=600,
+                      env=FAST_COMPILE)
+  assert result["devices"] == 8
+  eps32 = float(np.finfo(np.float32).eps)
+  failures = []
+  for name, r in result["optimizers"].items():
+    tol = max(10 * r["floor"], 64 * eps32)
+    for kind in ("data", "fsdp"):
+      if not r[kind] <= tol:
+        failures.append(f"{name} {kind}: {r[kind]:.3g} of the change (tol {tol:.3g})")
+      if not r[f"{kind}_specs_kept"]:
+        failures.append(f"{name} {kind}: parameter shardings changed")
+      if f"{kind}_stats" in r and not r[f"{kind}_stats"] <= 2 * 64 * eps32:
+        failures.append(f"{name} {kind}: statistics off by {r[kind + '_stats']:.3g}")
+    assert r["change"] > 1e-3, (name, r["change"])
+  assert set(result["optimizers"]) == {"eva", "eva_f", "eva_s", "kfac", "foof", "shampoo"}
+  assert not failures, "\n".join(failures)
+
+
+# LAPACK calls (Cholesky, eigh) per refresh unit: K-FAC two factors, FOOF one
+# eigendecomposition, Shampoo two roots per block.
+CALLS_PER_UNIT = {"kfac": 2, "foof": 1, "shampoo": 2}
+
+
+def test_distributed_refresh_equals_replicated_and_splits_the_work():
+  """distribute_over="data" on 8 devices (unequal layers, a stacked block,
+  fewer K-FAC/FOOF units than devices): the parameters after 3 steps with the
+  refresh every step equal the replicated run's, under jax.jit with
+  jax.set_mesh and inside shard_map; the compiled split gives each device only
+  its own units (the LAPACK calls of each device's branch are its units'), so
+  every unit is computed once, not on every device."""
+  result = run_script("distribute_refresh.py", devices=8, timeout=900,
+                      env=FAST_COMPILE)
+  assert result["devices"] == 8
+  failures = []
+  for name, r in result["optimizers"].items():
+    assert r["change"] > 1e-3, (name, r["change"])
+    # The same unit functions on the same inputs: equal to the replicated run
+    # (0 here; a few ulps where XLA would fuse a unit differently).
+    for kind in ("jit", "shard_map"):
+      if not r[kind] <= 1e-5:
+        failures.append(f"{name} {kind}: {r[kind]:.3g} of the change")
+    if name == "eva_s":
+      continue
+    per_device = r["plan_units_per_device"]
+    calls = {int(d): len(v) for d, v in r["lapack_by_branch"].items()}
+    want = {d: n * CALLS_PER_UNIT[name] for d, n in enumerate(per_device) if n}
+    if calls != want:
+      failures.append(f"{name}: LAPACK calls per device {calls}, plan {want}")
+    if r["lapack_calls"] != r["plan_units"] * CALLS_PER_UNIT[name]:
+      failures.append(f"{name}: {r['lapack_calls']} LAPACK calls for "
+                      f"{r['plan_units']} units")
+  assert result["optimizers"]["kfac"]["plan_units_per_device"].count(0) == 2
+  assert not failures, "\n".join(failures)

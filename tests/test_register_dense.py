@@ -47,8 +47,10 @@ class Named(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    w = self.param("w", nn.initializers.normal(0.3), (x.shape[-1], self.features))
-    return x @ w + self.param("b", nn.initializers.normal(0.1), (self.features,))
+    w = self.param("named_w", nn.initializers.normal(0.3),
+                   (x.shape[-1], self.features))
+    return x @ w + self.param("named_b", nn.initializers.normal(0.1),
+                              (self.features,))
 
 
 class Unknown(nn.Module):
@@ -63,7 +65,9 @@ class Unknown(nn.Module):
 
 
 eva_optax.register_dense(Conv1D, transposed=True)
-eva_optax.register_dense(Named, kernel="w", bias="b")
+# Registered names are global (a node holding "named_w" is a layer node for
+# every model), so the test uses names no other test holds.
+eva_optax.register_dense(Named, kernel="named_w", bias="named_b")
 
 
 class Net(nn.Module):
@@ -80,7 +84,8 @@ def _to_dense(params, kind):
   """The nn.Dense parameters of the same network."""
   if kind == "conv1d":
     return jax.tree.map(lambda p: p.T if p.ndim == 2 else p, params)
-  return {k: {"kernel": v["w"], "bias": v["b"]} for k, v in params.items()}
+  return {k: {"kernel": v["named_w"], "bias": v["named_b"]}
+          for k, v in params.items()}
 
 
 def _problem(kind, statistics):

@@ -67,7 +67,10 @@ def register_dense(module_type: type, *, kernel: str = "kernel",
   when the layer has it. The declaration is a promise about the layer's math
   that the capture cannot check; the completeness check still applies (a
   layer whose parameters are also used outside its calls is reported not
-  captured). Subclasses of ``M`` that keep ``M.method`` are captured too.
+  captured). Subclasses of ``M`` that keep ``M.method`` are captured too. The
+  registration is global: from then on a parameter node holding a rank >= 2
+  leaf named ``kernel`` is read as a layer node in every model (the names
+  ``"kernel"`` and ``"embedding"`` are always).
 
   Args:
     module_type: a ``flax.linen.Module`` or ``flax.nnx.Module`` subclass.

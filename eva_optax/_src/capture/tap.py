@@ -29,6 +29,7 @@ import jax.numpy as jnp
 
 from eva_optax._src.capture import audit
 from eva_optax._src.capture import calls
+from eva_optax._src.vocabulary import sharding
 from eva_optax._src.vocabulary import views
 from eva_optax._src.vocabulary.statistics import LayerStatistics
 
@@ -129,7 +130,8 @@ def _tap_fwd(call, mode, rows_slot, target, y, probe, forward):
 
 
 def _tap_bwd(call, mode, rows_slot, target, forward, ct):
-  out = {**forward, **calls.backward_sums(call, ct, mode)}
+  out = {**forward, **sharding.replicated(
+      lambda ct: calls.backward_sums(call, ct, mode))(ct)}
   if rows_slot is not None:   # place this call's rows among the node's rows
     offset, total = rows_slot
     for k in ("a_rows", "g_rows"):
@@ -145,7 +147,7 @@ tap.defvjp(_tap_fwd, _tap_bwd)
 def tapped(call, mode: str, x: Array, y: Array, probe: dict[str, Array],
            rows_slot: tuple[int, int] | None) -> Array:
   """``y``, wrapped so that ``probe``'s cotangent receives the call's statistics."""
-  forward = calls.forward_sums(call, x, mode)
+  forward = sharding.replicated(lambda x: calls.forward_sums(call, x, mode))(x)
   probe = vary_like(probe, vma(x) | vma(y))
   return tap(call, mode, rows_slot, vma(probe), y, probe, forward)
 

@@ -95,6 +95,8 @@ def scale_by_eva_s(
     graft_decay: chex.Numeric = 0.999,
     graft_eps: chex.Numeric = 1e-8,
     layer_views: Any = None,
+    distribute_over: str | None = None,
+    mesh: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Eva-s preconditioning only (no momentum, weight decay or learning rate).
 
@@ -169,6 +171,12 @@ def scale_by_eva_s(
       a bias-free stacked kernel then reads as one tensor, so give the views
       for scanned bias-free layers.
 
+    distribute_over: accepted for symmetry with Shampoo (a mesh axis name):
+      Eva-s has no refresh to split (its closed form is a few vector
+      operations per tensor, cheaper than any collective), so every device
+      computes it; the axis is checked like Shampoo's.
+    mesh: the mesh ``distribute_over`` refers to, where no ``jax.set_mesh``
+      sets it.
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is a
     :class:`ScaleByEvaSState`.
@@ -192,7 +200,8 @@ def scale_by_eva_s(
   return per_tensor.per_tensor_preconditioner(
       EVA_S, damping=damping, stat_decay=stat_decay, stats_every=stats_every,
       state_class=ScaleByEvaSState, graft=graft, graft_decay=graft_decay,
-      graft_eps=graft_eps, layer_views=layer_views)
+      graft_eps=graft_eps, layer_views=layer_views,
+      distribute_over=distribute_over, mesh=mesh)
 
 
 def eva_s(
@@ -210,6 +219,8 @@ def eva_s(
     weight_decay_mask: Any = None,
     mu_dtype: Any = None,
     layer_views: Any = None,
+    distribute_over: str | None = None,
+    mesh: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Eva-s (vectorized Shampoo), trained the way the paper trains it.
 
@@ -265,6 +276,9 @@ def eva_s(
     layer_views: for stacked layers (``nn.scan``), the capture's views; see
       :func:`scale_by_eva_s`.
 
+    distribute_over: accepted for symmetry with Shampoo; see
+      :func:`scale_by_eva_s` (Eva-s has no refresh to split).
+    mesh: the mesh of ``distribute_over`` where ``jax.set_mesh`` does not set it.
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
 
@@ -290,7 +304,8 @@ def eva_s(
       learning_rate, momentum, weight_decay, weight_decay_mask, mu_dtype)
   pre = scale_by_eva_s(damping, stat_decay, stats_every=stats_every,
                        graft=graft, graft_decay=graft_decay,
-                       graft_eps=graft_eps, layer_views=layer_views)
+                       graft_eps=graft_eps, layer_views=layer_views,
+                       distribute_over=distribute_over, mesh=mesh)
   return training_chain.training_chain(
       pre, learning_rate, momentum, weight_decay, nesterov,
       weight_decay_mask=weight_decay_mask, mu_dtype=mu_dtype)

@@ -59,7 +59,7 @@ def _solve(top_k):
   return solve
 
 
-def _method(top_k):
+def method(top_k):
   def init_extra(view):
     extra = {"d": jnp.zeros((view.d_a,), jnp.float32)}
     if not view.diagonal:
@@ -69,6 +69,9 @@ def _method(top_k):
       name="foof", statistics="factors", stat_keys=("A",),
       solve=layerwise.on_stacked_view(_solve(top_k)),
       init_extra=init_extra, refresh=_refresh,
+      # A symmetric eigendecomposition: about 9 d^3 flops.
+      refresh_cost=lambda view: float(view.d_a if view.diagonal
+                                      else 9 * view.d_a ** 3),
       damping_fix="FOOF inverts A + damping * I; the paper uses 0.03.",
       stat_decay_fix="It is the weight of the NEW factor (0.95; the journal runs used 1).")
 
@@ -84,6 +87,8 @@ def scale_by_foof(
     layer_views: Any = None,
     inverse_every: int = 1,
     top_k: int | None = None,
+    distribute_over: str | None = None,
+    mesh: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """FOOF's preconditioning only (no momentum, weight decay or learning rate).
 
@@ -117,6 +122,14 @@ def scale_by_foof(
       layers with several output axes, Einsum kernels).
     inverse_every: recompute the eigendecomposition every this many steps.
     top_k: keep the ``top_k`` largest eigenpairs (``None``: all, exact).
+    distribute_over: the name of a mesh axis over which the refresh is split
+      (each device computes its share of the eigendecompositions, balanced by cost, and one
+      collective on refresh steps gives every device all of them; the updates
+      equal the replicated run's). Inside ``jax.shard_map`` or ``jax.pmap``
+      over that axis, or under ``jax.jit`` with ``jax.set_mesh``; see
+      :func:`eva_optax.refresh_plan`. ``None``: every device computes all.
+    mesh: the mesh ``distribute_over`` refers to, where no ``jax.set_mesh``
+      sets it (``jax.jit`` with explicit ``NamedSharding`` shardings).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``update`` takes
@@ -129,10 +142,10 @@ def scale_by_foof(
   if top_k is not None:
     validation.check_interval("top_k", top_k)
   return layerwise.layerwise_preconditioner(
-      _method(top_k), damping=damping, stat_decay=stat_decay,
+      method(top_k), damping=damping, stat_decay=stat_decay,
       stats_every=stats_every, refresh_every=inverse_every, kl_clip=kl_clip,
       kl_normalize=kl_normalize, learning_rate=learning_rate,
-      layer_views=layer_views)
+      layer_views=layer_views, distribute_over=distribute_over, mesh=mesh)
 
 
 def foof(
@@ -151,6 +164,8 @@ def foof(
     nesterov: bool = False,
     weight_decay_mask: Any = None,
     mu_dtype: Any = None,
+    distribute_over: str | None = None,
+    mesh: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """FOOF, trained the way the Eva journal paper trains it.
 
@@ -184,6 +199,9 @@ def foof(
     nesterov: Nesterov momentum instead of heavy ball.
     weight_decay_mask: which leaves are decayed, as ``optax.adamw(mask=...)``.
     mu_dtype: dtype of the momentum buffer (``None``: the parameters').
+    distribute_over: split the eigendecompositions over this mesh axis; see
+      :func:`scale_by_foof`.
+    mesh: the mesh of ``distribute_over`` where ``jax.set_mesh`` does not set it.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``update`` takes
@@ -198,5 +216,5 @@ def foof(
       kl_clip=kl_clip, kl_normalize=kl_normalize, default_scaling="none",
       nesterov=nesterov, weight_decay_mask=weight_decay_mask,
       mu_dtype=mu_dtype, stats_every=stats_every, inverse_every=inverse_every,
-      top_k=top_k,
-      layer_views=layer_views)
+      top_k=top_k, layer_views=layer_views, distribute_over=distribute_over,
+      mesh=mesh)

@@ -65,6 +65,9 @@ KFAC = layerwise.Method(
                            jnp.float32),
         "G_inv": jnp.zeros((view.d_out, view.d_out), jnp.float32)},
     refresh=_refresh,
+    # Cholesky factor and inverse of each factor: about d^3 flops each.
+    refresh_cost=lambda view: float((view.d_a if view.diagonal else view.d_a ** 3)
+                                    + view.d_out ** 3),
     damping_fix="It is split between the two factors; the paper uses 0.03.",
     stat_decay_fix="It is the weight of the NEW factor (the paper's 0.95).")
 
@@ -79,6 +82,8 @@ def scale_by_kfac(
     stats_every: int = 1,
     layer_views: Any = None,
     inverse_every: int = 1,
+    distribute_over: str | None = None,
+    mesh: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """K-FAC's preconditioning only (no momentum, weight decay or learning rate).
 
@@ -113,6 +118,14 @@ def scale_by_kfac(
       shapes alone are ambiguous at ``init`` (stacked layers, bias-free
       layers with several output axes, Einsum kernels).
     inverse_every: recompute the damped inverses every this many steps (>= 1).
+    distribute_over: the name of a mesh axis over which the refresh is split
+      (each device computes its share of the damped inverses, balanced by cost, and one
+      collective on refresh steps gives every device all of them; the updates
+      equal the replicated run's). Inside ``jax.shard_map`` or ``jax.pmap``
+      over that axis, or under ``jax.jit`` with ``jax.set_mesh``; see
+      :func:`eva_optax.refresh_plan`. ``None``: every device computes all.
+    mesh: the mesh ``distribute_over`` refers to, where no ``jax.set_mesh``
+      sets it (``jax.jit`` with explicit ``NamedSharding`` shardings).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``update`` takes
@@ -125,7 +138,8 @@ def scale_by_kfac(
   return layerwise.layerwise_preconditioner(
       KFAC, damping=damping, stat_decay=stat_decay, stats_every=stats_every,
       refresh_every=inverse_every, kl_clip=kl_clip, kl_normalize=kl_normalize,
-      learning_rate=learning_rate, layer_views=layer_views)
+      learning_rate=learning_rate, layer_views=layer_views,
+      distribute_over=distribute_over, mesh=mesh)
 
 
 def kfac(
@@ -143,6 +157,8 @@ def kfac(
     nesterov: bool = False,
     weight_decay_mask: Any = None,
     mu_dtype: Any = None,
+    distribute_over: str | None = None,
+    mesh: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """K-FAC, trained the way the Eva paper trains it.
 
@@ -177,6 +193,9 @@ def kfac(
     nesterov: Nesterov momentum instead of heavy ball.
     weight_decay_mask: which leaves are decayed, as ``optax.adamw(mask=...)``.
     mu_dtype: dtype of the momentum buffer (``None``: the parameters').
+    distribute_over: split the inverses over this mesh axis; see
+      :func:`scale_by_kfac`.
+    mesh: the mesh of ``distribute_over`` where ``jax.set_mesh`` does not set it.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`; ``update`` takes
@@ -203,4 +222,4 @@ def kfac(
       kl_clip=kl_clip, kl_normalize=kl_normalize, default_scaling="none",
       nesterov=nesterov, weight_decay_mask=weight_decay_mask,
       mu_dtype=mu_dtype, stats_every=stats_every, inverse_every=inverse_every,
-      layer_views=layer_views)
+      layer_views=layer_views, distribute_over=distribute_over, mesh=mesh)

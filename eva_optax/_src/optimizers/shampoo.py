@@ -37,7 +37,7 @@ from eva_optax._src.preconditioner import validation
 
 Array = jax.Array
 
-_DEFAULT_BLOCK_SIZE = 128  # the authors' block size
+DEFAULT_BLOCK_SIZE = 128  # the authors' block size
 
 
 class ScaleByShampooState(NamedTuple):
@@ -182,28 +182,42 @@ def precondition(t: Array, b: dict[str, Array], lay: Layout) -> Array:
   return from_blocks(p, lay)
 
 
+def _roots(b: dict[str, Array], eps: Array) -> dict[str, Array]:
+  """The renewed roots of blocks ``b`` (fields with one leading block axis).
+
+  A root of an all-zero block, or one that comes out non-finite, keeps its
+  previous value."""
+  usable = (b["log_scale"] > LOG_ZERO / 2)[:, None, None]
+  left = dense.inverse_root(b["L"], ROOT, eps)
+  right = dense.inverse_root(b["R"], ROOT, eps)
+  ok = (usable & jnp.all(jnp.isfinite(left), axis=(1, 2), keepdims=True)
+        & jnp.all(jnp.isfinite(right), axis=(1, 2), keepdims=True))
+  return {"L_root": jnp.where(ok, left, b["L_root"]),
+          "R_root": jnp.where(ok, right, b["R_root"]),
+          "root_log_scale": jnp.where(ok[:, 0, 0], b["log_scale"],
+                                      b["root_log_scale"])}
+
+
 def refresh_roots(blocks: list[dict[str, Array]], eps: Array
                   ) -> list[dict[str, Array]]:
   """The roots of every block of every tensor from its statistics (each field
   with a leading axis of slices, then the blocks; computed as one flat list of
-  blocks)."""
-
-  def one(b):
-    b = {k: v.reshape((-1,) + v.shape[2:]) for k, v in b.items()}
-    usable = (b["log_scale"] > LOG_ZERO / 2)[:, None, None]
-    left = dense.inverse_root(b["L"], ROOT, eps)
-    right = dense.inverse_root(b["R"], ROOT, eps)
-    ok = (usable & jnp.all(jnp.isfinite(left), axis=(1, 2), keepdims=True)
-          & jnp.all(jnp.isfinite(right), axis=(1, 2), keepdims=True))
-    return dict(b, L_root=jnp.where(ok, left, b["L_root"]),
-                R_root=jnp.where(ok, right, b["R_root"]),
-                root_log_scale=jnp.where(ok[:, 0, 0], b["log_scale"],
-                                         b["root_log_scale"]))
-  return [{k: v.reshape(old[k].shape) for k, v in one(old).items()}
-          for old in blocks]
+  blocks per tensor)."""
+  out = []
+  for old in blocks:
+    flat = {k: v.reshape((-1,) + v.shape[2:]) for k, v in old.items()}
+    renewed = _roots(flat, eps)
+    out.append({**old, **{k: v.reshape(old[k].shape) for k, v in renewed.items()}})
+  return out
 
 
-def _method(block_size: int) -> per_tensor.TensorMethod:
+def refresh_block(b: dict[str, Array], eps: Array) -> dict[str, Array]:
+  """The renewed roots of one block (the unit of the split refresh)."""
+  return {k: v[0] for k, v in _roots({k: v[None] for k, v in b.items()},
+                                     eps).items()}
+
+
+def method(block_size: int) -> per_tensor.TensorMethod:
   """Shampoo's blocks as the per-tensor core's method, for one block size."""
   def init(shape):
     shapes = block_shapes(block_layout(shape, block_size))
@@ -227,7 +241,10 @@ def _method(block_size: int) -> per_tensor.TensorMethod:
       merge=merge_statistics,
       direction=lambda t, b, eps: precondition(
           t, b, block_layout(t.shape, block_size)).reshape(t.shape),
-      refresh=refresh_roots, describe=describe)
+      refresh=refresh_roots, unit_refresh=refresh_block,
+      # Two symmetric eigendecompositions, about 9 n^3 flops each.
+      unit_cost=lambda b: 9.0 * (b["L"].shape[-1] ** 3 + b["R"].shape[-1] ** 3),
+      describe=describe)
 
 
 def scale_by_shampoo(
@@ -242,6 +259,8 @@ def scale_by_shampoo(
     graft_decay: chex.Numeric = 0.999,
     graft_eps: chex.Numeric = 1e-8,
     layer_views: Any = None,
+    distribute_over: str | None = None,
+    mesh: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Blocked two-sided Shampoo preconditioning only (no momentum, weight decay or lr).
 
@@ -322,6 +341,14 @@ def scale_by_shampoo(
       a bias-free stacked kernel then reads as one tensor, so give the views
       for scanned bias-free layers.
 
+    distribute_over: the name of a mesh axis over which the root refresh is
+      split, one unit per block (each device computes its share of the
+      inverse roots, balanced by cost; one collective on refresh steps gives
+      every device all of them; the updates equal the replicated run's).
+      Inside ``jax.shard_map`` or ``jax.pmap`` over that axis, or under
+      ``jax.jit`` with ``jax.set_mesh``; see :func:`eva_optax.refresh_plan`.
+    mesh: the mesh ``distribute_over`` refers to, where no ``jax.set_mesh``
+      sets it.
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose state is a
     :class:`ScaleByShampooState`.
@@ -338,7 +365,7 @@ def scale_by_shampoo(
         fix="It is the weight of the NEW statistic; None keeps a running sum "
         "(the authors' setting).")
   block_size = validation.static_int(
-      "block_size", _DEFAULT_BLOCK_SIZE if block_size is None else block_size)
+      "block_size", DEFAULT_BLOCK_SIZE if block_size is None else block_size)
   validation.check_not_schedule("matrix_eps", matrix_eps)
   validation.check_positive(
       "matrix_eps", matrix_eps,
@@ -348,11 +375,11 @@ def scale_by_shampoo(
   validation.check_interval("start_preconditioning_step",
                             start_preconditioning_step, minimum=0)
   return per_tensor.per_tensor_preconditioner(
-      _method(block_size), damping=matrix_eps, stat_decay=stat_decay,
+      method(block_size), damping=matrix_eps, stat_decay=stat_decay,
       stats_every=stats_every, state_class=ScaleByShampooState,
       refresh_every=inverse_every, start_step=start_preconditioning_step,
       graft=graft, graft_decay=graft_decay, graft_eps=graft_eps,
-      layer_views=layer_views)
+      layer_views=layer_views, distribute_over=distribute_over, mesh=mesh)
 
 
 def shampoo(
@@ -373,6 +400,8 @@ def shampoo(
     weight_decay_mask: Any = None,
     mu_dtype: Any = None,
     layer_views: Any = None,
+    distribute_over: str | None = None,
+    mesh: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Blocked Shampoo with grafting, trained the way the Eva paper trains it.
 
@@ -426,6 +455,9 @@ def shampoo(
     layer_views: for stacked layers (``nn.scan``), the capture's views; see
       :func:`scale_by_shampoo`.
 
+    distribute_over: split the root refresh over this mesh axis; see
+      :func:`scale_by_shampoo`.
+    mesh: the mesh of ``distribute_over`` where ``jax.set_mesh`` does not set it.
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
 
@@ -453,7 +485,8 @@ def shampoo(
       matrix_eps, stat_decay, block_size=block_size,
       inverse_every=inverse_every, stats_every=stats_every,
       start_preconditioning_step=start_preconditioning_step, graft=graft,
-      graft_decay=graft_decay, graft_eps=graft_eps, layer_views=layer_views)
+      graft_decay=graft_decay, graft_eps=graft_eps, layer_views=layer_views,
+      distribute_over=distribute_over, mesh=mesh)
   return training_chain.training_chain(
       pre, learning_rate, momentum, weight_decay, nesterov,
       weight_decay_mask=weight_decay_mask, mu_dtype=mu_dtype)

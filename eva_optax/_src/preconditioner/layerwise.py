@@ -39,10 +39,12 @@ import jax.numpy as jnp
 import optax
 
 from eva_optax._src.preconditioner import counters
+from eva_optax._src.preconditioner import distribute
 from eva_optax._src.preconditioner import kl
 from eva_optax._src.linalg import pow2
 from eva_optax._src.preconditioner import matching
 from eva_optax._src.preconditioner import validation
+from eva_optax._src.vocabulary import sharding
 from eva_optax._src.vocabulary import views as views_lib
 
 Array = jax.Array
@@ -87,6 +89,8 @@ class Method:
   init_extra: Callable[[views_lib.LayerView], LayerState] = lambda view: {}
   # (state, damping, view) -> state
   refresh: Callable[..., LayerState] | None = None
+  # view -> estimated flops of one slice's refresh (to split it over devices)
+  refresh_cost: Callable[[views_lib.LayerView], float] = lambda view: 0.0
   # The messages of the eager checks: what damping is to this method, and
   # what its stat_decay weighs.
   damping_fix: str = "the paper uses 0.03."
@@ -121,6 +125,48 @@ def _over_slices(fn: Callable[..., Any], per: Any) -> Any:
   if jax.default_backend() == "cpu":
     return jax.lax.map(fn, per)
   return jax.vmap(fn)(per)
+
+
+def _refresh_split(method: Method, captured: list, ls: dict, gamma: Array,
+                   axis: str, mesh: Any) -> dict:
+  """The refresh of every slice of every captured layer, split over ``axis``:
+  each slice is a unit (its factors together), its result the method's extra
+  state (inverses, eigendecompositions)."""
+  fns, inputs, costs, where = [], [], [], []
+  for m in captured:
+    per = _flat_stack(ls[m.name], m.view.stack)
+    keys = tuple(method.init_extra(m.view))
+    for j in range(m.view.num_slices):
+      fns.append(lambda s, view=m.view, keys=keys: {
+          k: v for k, v in method.refresh(s, gamma, view).items() if k in keys})
+      inputs.append(jax.tree.map(lambda a, j=j: a[j], per))
+      costs.append(method.refresh_cost(m.view))
+      where.append(m)
+  results = distribute.split(axis, mesh, fns, inputs, costs)
+  out = dict(ls)
+  for m in captured:
+    mine = [r for r, w in zip(results, where) if w is m]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *mine)
+    out[m.name] = {**ls[m.name], **_unflat_stack(stacked, m.view.stack)}
+  return out
+
+
+def units(method: Method, params: Any, layer_views: Any = None
+          ) -> list[distribute.Unit]:
+  """The refresh units of ``method`` for ``params``: one per slice of every
+  layer node ``init`` gives state (see :func:`eva_optax.refresh_plan`)."""
+  given = matching.views_from(layer_views)
+  out = []
+  for path, node in matching.layer_nodes(params).items():
+    view = matching.initial_view(path, node, given)
+    if view is None:
+      continue
+    size = sum(math.prod(v.shape) for v in method.init_extra(view).values())
+    for j in range(view.num_slices):
+      suffix = f"[{j}]" if view.stack else ""
+      out.append(distribute.Unit(matching.name(path) + suffix,
+                                 float(method.refresh_cost(view)), size))
+  return out
 
 
 def check_arguments(method: Method, *, damping: Any, stat_decay: Any,
@@ -174,8 +220,14 @@ def layerwise_preconditioner(
     kl_normalize: bool | None = False,
     learning_rate: Any = None,
     layer_views: Any = None,
+    distribute_over: str | None = None,
+    mesh: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds the optax transformation of one method (see the module docstring).
+
+  ``distribute_over``: a mesh axis over which the refresh is split
+  (:mod:`eva_optax._src.preconditioner.distribute`), with ``mesh`` where no
+  ``jax.set_mesh`` sets it.
 
   ``kl_clip`` / ``kl_normalize`` select the scaling (none by default);
   ``learning_rate`` is the KL-clip's. ``layer_views``: the views of layers
@@ -188,6 +240,7 @@ def layerwise_preconditioner(
       method, damping=damping, stat_decay=stat_decay, stats_every=stats_every,
       refresh_every=refresh_every, refresh_name=refresh_name, kl_clip=kl_clip,
       kl_normalize=kl_normalize, learning_rate=learning_rate)
+  distribute.check_axis_name(distribute_over)
   given_views = matching.views_from(layer_views)
 
   def init_fn(params):
@@ -227,6 +280,9 @@ def layerwise_preconditioner(
     captured = [m for m in matched if m.observation]
     if method.refresh is not None and captured:
       def refresh_all(ls):
+        if distribute_over is not None:
+          return _refresh_split(method, captured, ls, safe_gamma,
+                                distribute_over, mesh)
         out = dict(ls)
         for m in captured:
           per = _flat_stack(ls[m.name], m.view.stack)
@@ -277,4 +333,5 @@ def layerwise_preconditioner(
                             is_leaf=views_lib.is_box))
     return new_updates, new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+      init_fn, sharding.like_inputs(update_fn))

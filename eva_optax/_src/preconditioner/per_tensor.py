@@ -41,10 +41,12 @@ import jax.numpy as jnp
 import optax
 
 from eva_optax._src.preconditioner import counters
+from eva_optax._src.preconditioner import distribute
 from eva_optax._src.preconditioner import grafting
 from eva_optax._src.preconditioner import matching
 from eva_optax._src.preconditioner import validation
 from eva_optax._src.vocabulary import tree_utils
+from eva_optax._src.vocabulary import sharding
 from eva_optax._src.vocabulary import views as views_lib
 
 Array = jax.Array
@@ -65,6 +67,10 @@ class TensorMethod:
       scale (grafting sets it).
     refresh: ``(states, damping) -> states`` over every preconditioned tensor
       (each field with one leading axis of slices), or ``None``.
+    unit_refresh: the refresh of one unit (one block of one slice: every
+      field without its leading axes of slices and blocks), giving the fields
+      it renews; used to split the refresh over devices.
+    unit_cost: ``unit state -> estimated flops`` of :attr:`unit_refresh`.
     describe: ``state -> words`` for a state's layout, in messages.
   """
 
@@ -74,6 +80,8 @@ class TensorMethod:
   merge: Callable[[SliceState, SliceState, Array, Array], SliceState]
   direction: Callable[[Array, SliceState, Array], Array]
   refresh: Callable[[list[SliceState], Array], list[SliceState]] | None = None
+  unit_refresh: Callable[[SliceState, Array], SliceState] | None = None
+  unit_cost: Callable[[SliceState], float] = lambda s: 0.0
   describe: Callable[[SliceState], str] = lambda s: str(
       {k: tuple(v.shape) for k, v in s.items()})
 
@@ -198,6 +206,61 @@ def _check_stacks(method: TensorMethod, updates: Any, depths: dict[str, int],
           + matching.views_call(updates) + ".")
 
 
+def _unit_rows(state: SliceState) -> tuple[int, SliceState]:
+  """A tensor's state (fields ``(slices, blocks, ...)``) as rows of units."""
+  first = next(iter(state.values()))
+  n = first.shape[0] * first.shape[1]
+  return n, {k: v.reshape((n,) + v.shape[2:]) for k, v in state.items()}
+
+
+def _refresh_split(method: TensorMethod, flat: list[SliceState], gamma: Array,
+                   axis: str, mesh: Any) -> list[SliceState]:
+  """The refresh of every block of every tensor, split over ``axis``."""
+  fns, inputs, costs, owners = [], [], [], []
+  for t, state in enumerate(flat):
+    n, rows = _unit_rows(state)
+    for r in range(n):
+      unit = {k: v[r] for k, v in rows.items()}
+      fns.append(lambda u: method.unit_refresh(u, gamma))
+      inputs.append(unit)
+      costs.append(method.unit_cost(unit))
+      owners.append(t)
+  results = distribute.split(axis, mesh, fns, inputs, costs)
+  out = []
+  for t, state in enumerate(flat):
+    mine = [r for r, o in zip(results, owners) if o == t]
+    renewed = jax.tree.map(lambda *xs: jnp.stack(xs), *mine)
+    first = next(iter(state.values()))
+    lead = first.shape[:2]
+    out.append({**state, **{k: v.reshape(lead + v.shape[1:])
+                            for k, v in renewed.items()}})
+  return out
+
+
+def units(method: TensorMethod, params: Any, layer_views: Any = None
+          ) -> list[distribute.Unit]:
+  """The refresh units of ``method`` for ``params``: one per block of every
+  preconditioned slice (see :func:`eva_optax.refresh_plan`)."""
+  plain = unboxed(params)
+  depths = stack_depths(params, layer_views)
+  out = []
+  for name, leaf in named_leaves(plain).items():
+    shape, depth = tuple(leaf.shape), depths[name]
+    if not is_preconditioned(shape, depth):
+      continue
+    one = jax.eval_shape(lambda: method.init(shape[depth:]))
+    first = next(iter(one.values()))
+    block = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in one.items()}
+    renewed = jax.eval_shape(lambda u: method.unit_refresh(u, 1.0), block)
+    size = sum(math.prod(v.shape) for v in jax.tree.leaves(renewed))
+    for s in range(math.prod(shape[:depth])):
+      for b in range(first.shape[0]):
+        out.append(distribute.Unit(f"{name}[{s}, block {b}]" if depth
+                                   else f"{name}[block {b}]",
+                                   float(method.unit_cost(block)), size))
+  return out
+
+
 def _flat_stack(state: SliceState, depth: int) -> SliceState:
   """Every field with its ``depth`` stack axes as one leading axis of slices."""
   return {k: v.reshape((-1,) + v.shape[depth:]) if depth
@@ -221,8 +284,14 @@ def per_tensor_preconditioner(
     graft_decay: Any = 0.999,
     graft_eps: Any = 1e-8,
     layer_views: Any = None,
+    distribute_over: str | None = None,
+    mesh: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Builds the optax transformation of one method (see the module docstring).
+
+  ``distribute_over`` splits the refresh over a mesh axis, one unit per block
+  (:mod:`eva_optax._src.preconditioner.distribute`); a method without a
+  refresh (Eva-s) has nothing to split and computes as before.
 
   ``state_class`` is the method's public state: a NamedTuple of the counters
   (:data:`counters.COUNTERS`), one field for the per-tensor states (like the
@@ -234,6 +303,7 @@ def per_tensor_preconditioner(
   ``stat_decay`` and the graft's options.
   """
   grafting.check(graft, graft_decay, graft_eps)
+  distribute.check_axis_name(distribute_over)
   field, = (f for f in state_class._fields
             if f not in counters.COUNTERS and f != "graft")
   refreshers = {}
@@ -250,7 +320,10 @@ def per_tensor_preconditioner(
       def refresh_all(operand):
         states, gamma = operand
         flat = [_flat_stack(states[n], d) for n, d in zip(order, depths)]
-        out = method.refresh(flat, gamma)
+        if distribute_over is None:
+          out = method.refresh(flat, gamma)
+        else:
+          out = _refresh_split(method, flat, gamma, distribute_over, mesh)
         return {n: _unflat_stack(f, states[n]) for n, f in zip(order, out)}
       refreshers[key] = refresh_all
     return refreshers[key]
@@ -356,7 +429,8 @@ def per_tensor_preconditioner(
     out = [o.astype(g.dtype) for o, g in zip(out, leaves)]
     return jax.tree.unflatten(jax.tree.structure(updates), out), new_state
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+      init_fn, sharding.like_inputs(update_fn))
 
 
 def _keep(operand):

@@ -254,7 +254,7 @@ def scale_by_shampoo(
     graft_eps: chex.Numeric = 1e-8,
     layer_views: Any = None,
     distribute_over: str | None = None,
-    mesh: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Blocked two-sided Shampoo preconditioning only (no momentum, weight decay or lr).
 
@@ -395,7 +395,7 @@ def shampoo(
     mu_dtype: Any = None,
     layer_views: Any = None,
     distribute_over: str | None = None,
-    mesh: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Blocked Shampoo with grafting, trained the way the Eva paper trains it.
 

@@ -42,7 +42,7 @@ MARKERS = {"sgd": "o", "adam": "s", "adamw": "D", "eva": "^", "eva_f": "v",
            "eva_s": "<", "kfac": ">", "foof": "P", "shampoo": "X"}
 # Other implementations of a base method: (base, variant).
 ALIASES = {"kfac-jax": ("kfac", "kfac-jax")}
-VARIANT_LINESTYLES = {None: "-", "adaptive": "--", "kfac-jax": ":"}
+VARIANT_LINESTYLES = {None: "-", "adaptive": "--", "kfac-jax": ":", "split": "--"}
 OTHER_VARIANT_LINESTYLE = "-."
 
 

@@ -16,16 +16,17 @@ without, in two settings:
 K-FAC and FOOF have 6 units (layer slices) here, fewer than the 8 devices; the
 plan leaves 2 devices idle. Reported: the largest parameter difference
 relative to the change, the plan (units per device), and, from the compiled
-``jit`` program, the LAPACK calls each device's branch of the split holds (the
-branch index is in each call's ``op_name``: ``.../branch_<d>_fun/...`` of the
-switch on the device index) with their operand sizes.
+``jit`` programs (benchmarks/benchlib/hlo_work.py: LAPACK calls with their
+operand shapes, times loop trips, each device only the branch of the switch
+on its index that it takes), the refresh's LAPACK flops per device, split and
+replicated.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from collections import Counter
+import os
+import sys
 
 import flax.linen as nn
 import jax
@@ -36,6 +37,10 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 
 import eva_optax
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(
+    os.path.dirname(os.path.abspath(__file__)))), "benchmarks"))
+from benchlib import hlo_work  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 STEPS, BATCH = 3, 64
 
@@ -93,7 +98,7 @@ def run_jit(name, views, dist, params, batches, mesh):
               for x, y in batches]
     for x, y in placed:
       p, s = f(p, s, x, y)
-    hlo = f.lower(p, s, *placed[0]).compile().as_text() if dist else ""
+    hlo = f.lower(p, s, *placed[0]).compile().as_text()
   return p, hlo
 
 
@@ -119,23 +124,6 @@ def run_shard_map(name, views, dist, params, batches, mesh):
   return p
 
 
-def lapack_by_branch(hlo: str) -> dict[int, list[int]]:
-  """``{device: sorted operand sizes of its LAPACK calls}`` in the split."""
-  out: dict[int, list[int]] = {}
-  for line in hlo.splitlines():
-    if "custom_call_target=\"lapack_" not in line or (
-        "potrf" not in line and "syevd" not in line and "syev" not in line):
-      continue
-    branches = re.findall(r"branch_(\d+)_fun", line)
-    shape = re.search(r"custom-call\(.*?\)|= \(?f32\[(\d+),(\d+)\]", line)
-    size = re.search(r"f32\[(\d+),(\d+)\]", line)
-    if not branches or size is None:
-      continue
-    out.setdefault(int(branches[-1]), []).append(int(size.group(1)))
-    del shape
-  return {d: sorted(v) for d, v in out.items()}
-
-
 def main():
   rng = np.random.default_rng(0)
   params = jax.tree.map(np.asarray, Net().init(jax.random.PRNGKey(0),
@@ -150,7 +138,7 @@ def main():
   out = {"devices": jax.device_count(), "optimizers": {}}
   for name in ("kfac", "foof", "shampoo", "eva_s"):
     row = {}
-    ref, _ = run_jit(name, views, None, params, batches, mesh)
+    ref, ref_hlo = run_jit(name, views, None, params, batches, mesh)
     got, hlo = run_jit(name, views, "data", params, batches, mesh)
     change = max(float(np.max(np.abs(np.asarray(r) - np.asarray(p))))
                  for r, p in zip(jax.tree.leaves(ref), jax.tree.leaves(params)))
@@ -166,8 +154,8 @@ def main():
                                     **({"block_size": 8} if name == "shampoo" else {}))
       row["plan_units_per_device"] = [list(plan.owner).count(d) for d in range(8)]
       row["plan_units"] = len(plan.units)
-      row["lapack_by_branch"] = {str(d): v for d, v in lapack_by_branch(hlo).items()}
-      row["lapack_calls"] = sum(len(v) for v in lapack_by_branch(hlo).values())
+      row["split_flops"] = hlo_work.count(hlo, 8)["lapack_flops_per_device"]
+      row["replicated_flops"] = hlo_work.count(ref_hlo, 8)["lapack_flops_per_device"]
     out["optimizers"][name] = row
   print(json.dumps(out))
 

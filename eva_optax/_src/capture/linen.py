@@ -329,6 +329,15 @@ def value_and_grad(fun: Callable[..., Any], has_aux: bool = False, *,
       over ``S`` shards. Without ``axis_name`` inside ``shard_map``, the
       statistics are those of the loss JAX differentiates (the sum of the
       shards' losses, like JAX's own gradients of replicated parameters).
+    stats_batch: compute the statistics from the first ``stats_batch``
+      examples only (the first entries along the leading axis of every
+      captured layer's input and output gradient: the examples, for
+      batch-first models), at the cost of those rows only; the gradient is
+      still the whole batch's. The statistics are exactly those of these
+      examples, each row keeping the ``1/B`` of the whole batch's mean loss
+      (the authors' ``kfac_batch_size``: their statistics come from the first
+      16 examples of each batch). Inside ``shard_map`` each shard takes its
+      own first ``stats_batch``. ``None``: every example.
 
   Returns:
     A function ``(params, *args, **kwargs) -> (value, grads, stats)`` where

@@ -62,6 +62,11 @@ class NodeRecord:
   def add_call(self, kind: str, view: views.LayerView, inner_shape, rows: int):
     """Records one call with its per-slice view; checks the stack and consistency."""
     n = len(inner_shape)
+    if tuple(view.shape) != tuple(inner_shape):
+      self.reject(f"its weight slice has shape {tuple(inner_shape)}, but its call "
+                  f"reads it as {kind} {tuple(view.shape)} (a custom layer "
+                  "declared with the wrong transposed=?)")
+      return
     if tuple(self.weight_shape[len(self.weight_shape) - n:]) != tuple(inner_shape):
       self.reject(f"its weight {self.weight_shape} is stacked along a non-leading "
                   f"axis (one slice has shape {tuple(inner_shape)})")

@@ -157,67 +157,97 @@ def _sq(x: Array | None) -> Array:
   return jnp.zeros((), jnp.float32) if x is None else jnp.vdot(x, x)
 
 
-def _inner(u_kernel: Array, kernel: Array, u_bias: Array | None,
-           bias: Array | None) -> Array:
-  inner = jnp.vdot(u_kernel, kernel)
-  return inner if bias is None else inner + jnp.vdot(u_bias, bias)
+def _stable_inner(kernel: Array, bias: Array | None, u_kernel: Array,
+                  u_bias: Array | None, w: Array) -> Array:
+  """``<G_hat - u w^T, G_hat>`` summed elementwise (no cancellation of
+  ``|G_hat|^2 - u^T G_hat w``, which loses everything when ``G_hat`` is
+  itself nearly ``u w^T``: a batch of one)."""
+  inner = jnp.sum(kernel * (kernel - u_kernel[:, None] * w[None, :]))
+  if bias is not None:
+    inner = inner + jnp.sum(bias * (bias - u_bias * w))
+  return inner
 
 
-def eva_solve(kernel: Array, bias: Array | None, a: Array, g: Array,
-              damping: Array) -> tuple[Array, Array | None, Array]:
-  """``U = (v v^T + damping I)^{-1} vec(G_hat)``, ``v = vec(a g^T)`` (Sherman-Morrison).
+def eva_coefficients(kernel: Array, bias: Array | None, a: Array, g: Array,
+                     damping: Array) -> tuple[Array, Array | None, Array, Array]:
+  """Eva's closed form as ``U = (G_hat - u w^T) / gamma``: ``(u_kernel,
+  u_bias, w, <U, G_hat>)``.
 
   .. math::
     U = \\frac{1}{\\gamma}\\Big[\\hat G - c_\\gamma\\, a g^T\\Big], \\quad
     c_\\gamma = \\frac{a^T \\hat G g}{\\gamma + \\|a\\|^2\\|g\\|^2}
 
-  ``G_hat = [kernel; bias]`` is taken in its two pieces (``kernel`` of shape
-  ``(d_in, d_out)``, ``bias`` of shape ``(d_out,)`` or None; ``a`` has the bias
-  entry last), so the ``(d_in + 1, d_out)`` matrix is never built. Costs one
-  matrix-vector product and one rank-one update; no matrix inverse.
+  (the Sherman-Morrison form of ``(v v^T + gamma I)^{-1} vec(G_hat)``,
+  ``v = vec(a g^T)``), with ``u = a`` and ``w = c_gamma g``. ``G_hat =
+  [kernel; bias]`` is taken in its two pieces (``kernel`` ``(d_in, d_out)``,
+  ``bias`` ``(d_out,)`` or None; ``a`` has the bias entry last). The caller
+  forms ``U`` itself, fused with what follows (the scaling, momentum): only
+  the reductions ``a^T G_hat`` and ``<U, G_hat>`` read ``G_hat`` here.
 
   ``a`` and ``g`` are first divided by powers of two ``s_a, s_g`` (exact) and the
   damping by ``(s_a s_g)^2`` in log space, so ``|a|^2 |g|^2`` cannot overflow or
   underflow: inputs scaled by ``1e15`` give the same update as unscaled ones
   (the limit ``gamma -> 0``, a projection, when the scaled damping underflows).
-
-  Returns:
-    ``(U_kernel, U_bias, <U, G_hat>)``; the inner product for the KL scalings.
   """
   sa, sg = pow2_scale(a), pow2_scale(g)
   a, g = a / sa, g / sg
   gamma = scaled_damping(damping, sa, sg)
   ak, ab = _split(a, kernel.shape[0])
-  c = jnp.vdot(ak, kernel @ g)
+  p = ak @ kernel
   if bias is not None:
-    c = c + ab * jnp.vdot(bias, g)
-  coef = c / (_sq(a) * _sq(g) + gamma)
-  v_kernel = kernel - coef * jnp.outer(ak, g)
-  v_bias = None if bias is None else bias - (coef * ab) * g
-  inner = _inner(v_kernel, kernel, v_bias, bias) / damping
-  return (v_kernel / damping, None if v_bias is None else v_bias / damping, inner)
+    p = p + ab * bias
+  w = (jnp.vdot(p, g) / (_sq(a) * _sq(g) + gamma)) * g
+  inner = _stable_inner(kernel, bias, ak, ab, w) / damping
+  return ak, ab, w, inner
 
 
-def eva_f_solve(kernel: Array, bias: Array | None, a: Array,
-                damping: Array) -> tuple[Array, Array | None, Array]:
-  """``U = (a a^T + damping I)^{-1} G_hat`` (the paper's ``G_hat (a a^T + γI)^{-1}``).
+def eva_f_coefficients(kernel: Array, bias: Array | None, a: Array,
+                       damping: Array) -> tuple[Array, Array | None, Array, Array]:
+  """Eva-f's closed form as ``U = (G_hat - u w^T) / gamma`` (see
+  :func:`eva_coefficients`): ``u = a``, ``w = G_hat^T a / (gamma + |a|^2)``.
 
   .. math::
     U = \\frac{1}{\\gamma}\\Big[\\hat G - a r^T\\Big], \\quad
     r = \\frac{\\hat G^T a}{\\gamma + \\|a\\|^2}
 
-  In the two pieces of ``G_hat`` as :func:`eva_solve` (``a`` rescaled the same
-  way), and returns the same triple.
+  (the paper's ``G_hat (a a^T + gamma I)^{-1}`` in its ``(d_out, d_in)``
+  view), ``a`` rescaled as in :func:`eva_coefficients`.
   """
   sa = pow2_scale(a)
   a = a / sa
   gamma = scaled_damping(damping, sa)
   ak, ab = _split(a, kernel.shape[0])
-  ga = ak @ kernel
+  p = ak @ kernel
   if bias is not None:
-    ga = ga + ab * bias
-  r = ga / (_sq(a) + gamma)
-  v_kernel = kernel - jnp.outer(ak, r)
-  v_bias = None if bias is None else bias - ab * r
-  inner = _inner(v_kernel, kernel, v_bias, bias) / damping
-  return (v_kernel / damping, None if v_bias is None else v_bias / damping, inner)
+    p = p + ab * bias
+  w = p / (_sq(a) + gamma)
+  inner = _stable_inner(kernel, bias, ak, ab, w) / damping
+  return ak, ab, w, inner
+
+
+def apply_coefficients(kernel: Array, bias: Array | None, u_kernel: Array,
+                       u_bias: Array | None, w: Array, scale: Array
+                       ) -> tuple[Array, Array | None]:
+  """``scale * (G_hat - u w^T)`` in its two pieces (one elementwise pass);
+  leading axes (slices) broadcast through."""
+  uk = scale * (kernel - u_kernel[..., :, None] * w[..., None, :])
+  ub = None if bias is None else scale * (
+      bias - jnp.asarray(u_bias)[..., None] * w)
+  return uk, ub
+
+
+def eva_solve(kernel: Array, bias: Array | None, a: Array, g: Array,
+              damping: Array) -> tuple[Array, Array | None, Array]:
+  """``U = (v v^T + damping I)^{-1} vec(G_hat)``, ``v = vec(a g^T)``: the
+  formed update of :func:`eva_coefficients`, ``(U_kernel, U_bias, <U,
+  G_hat>)``."""
+  ak, ab, w, inner = eva_coefficients(kernel, bias, a, g, damping)
+  return (*apply_coefficients(kernel, bias, ak, ab, w, 1.0 / damping), inner)
+
+
+def eva_f_solve(kernel: Array, bias: Array | None, a: Array,
+                damping: Array) -> tuple[Array, Array | None, Array]:
+  """``U = (a a^T + damping I)^{-1} G_hat`` (the paper's ``G_hat (a a^T +
+  γI)^{-1}``): the formed update of :func:`eva_f_coefficients`."""
+  ak, ab, w, inner = eva_f_coefficients(kernel, bias, a, damping)
+  return (*apply_coefficients(kernel, bias, ak, ab, w, 1.0 / damping), inner)

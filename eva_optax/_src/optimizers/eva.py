@@ -26,7 +26,7 @@ from eva_optax._src.preconditioner import training_chain
 
 EVA = layerwise.Method(
     name="eva", statistics="vectors", stat_keys=("a", "g"),
-    solve=lambda s, k, b, gamma, view: rank_one.eva_solve(
+    coefficients=lambda s, k, b, gamma, view: rank_one.eva_coefficients(
         k, b, s["a"], s["g"], gamma),
     damping_fix="Eva inverts v v^T + damping * I; the paper uses 0.03.")
 

@@ -96,7 +96,7 @@ def scale_by_eva_s(
     graft_eps: chex.Numeric = 1e-8,
     layer_views: Any = None,
     distribute_over: str | None = None,
-    mesh: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Eva-s preconditioning only (no momentum, weight decay or learning rate).
 
@@ -220,7 +220,7 @@ def eva_s(
     mu_dtype: Any = None,
     layer_views: Any = None,
     distribute_over: str | None = None,
-    mesh: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Eva-s (vectorized Shampoo), trained the way the paper trains it.
 

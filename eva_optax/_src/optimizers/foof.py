@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 import chex
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -88,7 +89,7 @@ def scale_by_foof(
     inverse_every: int = 1,
     top_k: int | None = None,
     distribute_over: str | None = None,
-    mesh: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """FOOF's preconditioning only (no momentum, weight decay or learning rate).
 
@@ -165,7 +166,7 @@ def foof(
     weight_decay_mask: Any = None,
     mu_dtype: Any = None,
     distribute_over: str | None = None,
-    mesh: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """FOOF, trained the way the Eva journal paper trains it.
 

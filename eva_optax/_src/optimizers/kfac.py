@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 import chex
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -83,7 +84,7 @@ def scale_by_kfac(
     layer_views: Any = None,
     inverse_every: int = 1,
     distribute_over: str | None = None,
-    mesh: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """K-FAC's preconditioning only (no momentum, weight decay or learning rate).
 
@@ -158,7 +159,7 @@ def kfac(
     weight_decay_mask: Any = None,
     mu_dtype: Any = None,
     distribute_over: str | None = None,
-    mesh: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """K-FAC, trained the way the Eva paper trains it.
 

@@ -211,12 +211,6 @@ def refresh_roots(blocks: list[dict[str, Array]], eps: Array
   return out
 
 
-def refresh_block(b: dict[str, Array], eps: Array) -> dict[str, Array]:
-  """The renewed roots of one block (the unit of the split refresh)."""
-  return {k: v[0] for k, v in _roots({k: v[None] for k, v in b.items()},
-                                     eps).items()}
-
-
 def method(block_size: int) -> per_tensor.TensorMethod:
   """Shampoo's blocks as the per-tensor core's method, for one block size."""
   def init(shape):
@@ -241,7 +235,7 @@ def method(block_size: int) -> per_tensor.TensorMethod:
       merge=merge_statistics,
       direction=lambda t, b, eps: precondition(
           t, b, block_layout(t.shape, block_size)).reshape(t.shape),
-      refresh=refresh_roots, unit_refresh=refresh_block,
+      refresh=refresh_roots, unit_refresh=_roots,
       # Two symmetric eigendecompositions, about 9 n^3 flops each.
       unit_cost=lambda b: 9.0 * (b["L"].shape[-1] ** 3 + b["R"].shape[-1] ** 3),
       describe=describe)
@@ -260,7 +254,7 @@ def scale_by_shampoo(
     graft_eps: chex.Numeric = 1e-8,
     layer_views: Any = None,
     distribute_over: str | None = None,
-    mesh: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Blocked two-sided Shampoo preconditioning only (no momentum, weight decay or lr).
 
@@ -401,7 +395,7 @@ def shampoo(
     mu_dtype: Any = None,
     layer_views: Any = None,
     distribute_over: str | None = None,
-    mesh: Any = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Blocked Shampoo with grafting, trained the way the Eva paper trains it.
 

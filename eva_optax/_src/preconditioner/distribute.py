@@ -191,33 +191,61 @@ def _unravel(flat: Array, like: Any) -> Any:
 
 
 def split(axis: str, mesh: Any, fns: Sequence[Callable[[Any], Any]],
-          inputs: Sequence[Any], costs: Sequence[float]) -> list[Any]:
+          inputs: Sequence[Any], costs: Sequence[float],
+          keys: Sequence[Any] | None = None) -> list[Any]:
   """``[fn(x) for fn, x in zip(fns, inputs)]``, each on one device of ``axis``
   (assigned by :func:`assign`), every result on every device.
 
   Args:
     axis: the mesh axis name.
     mesh: the mesh when it is not set by ``jax.set_mesh`` (else None).
-    fns: one function per unit (its result: a pytree of float arrays).
+    fns: one function per unit, *batched*: it maps inputs stacked along a new
+      leading axis to results stacked the same way (a pytree of float arrays).
     inputs: one input per unit (the same on every device).
     costs: one estimated cost per unit.
+    keys: units of one key (and one input shape) share their function: a
+      device computes those it owns in one batched call, as the replicated
+      refresh does (a smaller program, and the same computation). ``None``:
+      every unit alone.
   """
   kind, devices, mesh = _context(axis, mesh)
-  shapes = [jax.eval_shape(f, x) for f, x in zip(fns, inputs)]
+  n_units = len(inputs)
+  keys = list(range(n_units)) if keys is None else list(keys)
+  one = lambda i: jax.tree.map(lambda a: a[None], inputs[i])
+  shapes = [jax.tree.map(lambda l: jax.ShapeDtypeStruct(l.shape[1:], l.dtype),
+                         jax.eval_shape(fns[i], one(i))) for i in range(n_units)]
   units = [Unit(str(i), float(c), sum(math.prod(l.shape) for l in
                                       jax.tree.leaves(s)))
            for i, (c, s) in enumerate(zip(costs, shapes))]
   the_plan = plan(units, devices)
   width = the_plan.buffer_floats
-  offsets, used = [0] * len(units), [0] * devices
-  for i, (u, d) in enumerate(zip(units, the_plan.owner)):
-    offsets[i], used[d] = used[d], used[d] + u.size
+
+  def batches(d):
+    """The units of device ``d`` in batches of one key, in a fixed order."""
+    found: dict[Any, list[int]] = {}
+    for i in range(n_units):
+      if the_plan.owner[i] == d:
+        sig = (keys[i], jax.tree.structure(inputs[i]),
+               tuple((l.shape, l.dtype) for l in jax.tree.leaves(inputs[i])))
+        found.setdefault(sig, []).append(i)
+    return list(found.values())
+
+  offsets = [0] * n_units
+  for d in range(devices):
+    used = 0
+    for batch in batches(d):
+      for i in batch:
+        offsets[i], used = used, used + units[i].size
 
   def branch(d):
     def run(xs):
-      mine = [_ravel(fns[i](xs[i])) for i in range(len(units))
-              if the_plan.owner[i] == d]
-      buf = jnp.concatenate(mine) if mine else jnp.zeros((0,), jnp.float32)
+      parts = []
+      for batch in batches(d):
+        stacked = jax.tree.map(lambda *a: jnp.stack(a), *[xs[i] for i in batch])
+        out = fns[batch[0]](stacked)
+        parts += [_ravel(jax.tree.map(lambda a, j=j: a[j], out))
+                  for j in range(len(batch))]
+      buf = jnp.concatenate(parts) if parts else jnp.zeros((0,), jnp.float32)
       return jnp.pad(buf, (0, width - buf.shape[0]))
     return run
 

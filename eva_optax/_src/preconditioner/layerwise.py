@@ -42,9 +42,11 @@ from eva_optax._src.preconditioner import counters
 from eva_optax._src.preconditioner import distribute
 from eva_optax._src.preconditioner import kl
 from eva_optax._src.linalg import pow2
+from eva_optax._src.linalg import rank_one
 from eva_optax._src.preconditioner import matching
 from eva_optax._src.preconditioner import validation
 from eva_optax._src.vocabulary import sharding
+from eva_optax._src.vocabulary import tree_utils
 from eva_optax._src.vocabulary import views as views_lib
 
 Array = jax.Array
@@ -85,7 +87,11 @@ class Method:
   statistics: str                   # value_and_grad(statistics=...) it needs
   stat_keys: tuple[str, ...]        # LayerStatistics fields it averages
   # (state, kernel_2d, bias or None, damping, view) -> (U_kernel, U_bias, <U, G_hat>)
-  solve: Callable[..., tuple[Array, Array | None, Array]]
+  solve: Callable[..., tuple[Array, Array | None, Array]] | None = None
+  # A rank-one closed form instead (Eva, Eva-f): U = (G_hat - u w^T) / damping,
+  # (state, kernel_2d, bias or None, damping, view) -> (u_kernel, u_bias, w,
+  # <U, G_hat>); the core forms U fused with what follows.
+  coefficients: Callable[..., tuple[Array, Array | None, Array, Array]] | None = None
   init_extra: Callable[[views_lib.LayerView], LayerState] = lambda view: {}
   # (state, damping, view) -> state
   refresh: Callable[..., LayerState] | None = None
@@ -118,6 +124,42 @@ def _unflat_stack(tree: Any, stack: tuple[int, ...]) -> Any:
   return jax.tree.map(lambda x: x.reshape(stack + x.shape[1:]), tree)
 
 
+def _leaves_by_path(tree: Any) -> dict[tuple[str, ...], Array]:
+  """``{("a", "b", "kernel"): leaf}`` of ``tree`` (boxes' fields left out)."""
+  return {tuple(tree_utils.key_name(k) for k in path
+                if not isinstance(k, jax.tree_util.GetAttrKey)): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _groups(captured: list) -> list[list]:
+  """The captured layers by per-slice shape (``d_in``, ``d_out``, bias,
+  diagonal): each group is computed as one batch of slices."""
+  by_shape: dict[tuple, list] = {}
+  for m in captured:
+    v = m.view
+    by_shape.setdefault((v.d_in, v.d_out, v.has_bias, v.diagonal), []).append(m)
+  return list(by_shape.values())
+
+
+def _gather(members: list, part: Callable[[Any], Any]) -> Any:
+  """``part(m)`` of every member (each with a leading axis of slices),
+  concatenated along that axis (a single member as it is)."""
+  trees = [part(m) for m in members]
+  if len(trees) == 1:
+    return trees[0]
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs), *trees)
+
+
+def _scatter(tree: Any, members: list) -> list:
+  """The inverse of :func:`_gather`: each member's slices."""
+  if len(members) == 1:
+    return [tree]
+  sizes = [m.view.num_slices for m in members]
+  starts = [sum(sizes[:i]) for i in range(len(sizes))]
+  return [jax.tree.map(lambda x, a=a, n=n: x[a:a + n], tree)
+          for a, n in zip(starts, sizes)]
+
+
 def _over_slices(fn: Callable[..., Any], per: Any) -> Any:
   """``fn`` on every slice of a stack: vmapped, except on CPU, where one slice
   at a time (a compiled loop): jaxlib's batched CPU Cholesky and eigh can
@@ -131,18 +173,24 @@ def _refresh_split(method: Method, captured: list, ls: dict, gamma: Array,
                    axis: str, mesh: Any) -> dict:
   """The refresh of every slice of every captured layer, split over ``axis``:
   each slice is a unit (its factors together), its result the method's extra
-  state (inverses, eigendecompositions)."""
-  fns, inputs, costs, where = [], [], [], []
-  for m in captured:
-    per = _flat_stack(ls[m.name], m.view.stack)
-    keys = tuple(method.init_extra(m.view))
-    for j in range(m.view.num_slices):
-      fns.append(lambda s, view=m.view, keys=keys: {
-          k: v for k, v in method.refresh(s, gamma, view).items() if k in keys})
-      inputs.append(jax.tree.map(lambda a, j=j: a[j], per))
-      costs.append(method.refresh_cost(m.view))
-      where.append(m)
-  results = distribute.split(axis, mesh, fns, inputs, costs)
+  state (inverses, eigendecompositions); a device computes the slices it owns
+  of one shape together, as the replicated refresh does."""
+  fns, inputs, costs, keys, where = [], [], [], [], []
+  for members in _groups(captured):
+    view = members[0].view
+    keys_of = tuple(method.init_extra(view))
+    fn = lambda per, view=view, k=keys_of: _over_slices(lambda s: {
+        key: v for key, v in method.refresh(s, gamma, view).items()
+        if key in k}, per)
+    for m in members:
+      per = _flat_stack(ls[m.name], m.view.stack)
+      for j in range(m.view.num_slices):
+        fns.append(fn)
+        inputs.append(jax.tree.map(lambda a, j=j: a[j], per))
+        costs.append(method.refresh_cost(m.view))
+        keys.append(id(fn))
+        where.append(m)
+  results = distribute.split(axis, mesh, fns, inputs, costs, keys)
   out = dict(ls)
   for m in captured:
     mine = [r for r, w in zip(results, where) if w is m]
@@ -263,51 +311,79 @@ def layerwise_preconditioner(
     if callable(stat_decay) or hasattr(stat_decay, "dtype"):
       xi = jnp.asarray(validation.value_at(stat_decay, count), jnp.float32)
       hp_ok = hp_ok & (xi >= 0) & (xi <= 1)
-    grads_ok = counters.all_finite(updates)
     safe_gamma = jnp.where(hp_ok, gamma, 1.0)
+    # Layers of one per-slice shape are computed together: one batched
+    # computation per shape (a smaller program, faster to compile).
+    captured = [m for m in matched if m.observation]
+    groups = _groups(captured)
+    kernels = [_gather(g, lambda m: m.pieces()[0]) for g in groups]
+    biases = [None if not g[0].view.has_bias
+              else _gather(g, lambda m: m.pieces()[1]) for g in groups]
+    # One read of every captured gradient for its max-abs: the finiteness of
+    # the layer (a NaN or inf makes it non-finite) and the global scale; the
+    # other leaves (norms, uncaptured layers) are checked for finiteness.
+    group_max = [jnp.max(jnp.abs(k)) if b is None else jnp.maximum(
+        jnp.max(jnp.abs(k)), jnp.max(jnp.abs(b))) for k, b in zip(kernels, biases)]
+    in_layers = {m.path + (leaf,) for m in captured for leaf in (
+        (m.view.param, m.view.bias_param) if m.view.has_bias else (m.view.param,))}
+    grads_ok = counters.all_finite(
+        (group_max, [x for path, x in _leaves_by_path(updates).items()
+                     if path not in in_layers]))
 
-    # 1. Running averages of the statistics (not from a skipped step).
-    new_obs = {m.name: m.observation for m in matched if m.observation}
-    old_obs = {n: {k: state_layers[n][k] for k in obs} for n, obs in new_obs.items()}
+    # 1. Running averages of the statistics (not from a skipped step), per
+    #    group.
+    new_obs = [_gather(g, lambda m: _flat_stack(m.observation, m.view.stack))
+               for g in groups]
+    old_obs = [_gather(g, lambda m: _flat_stack(
+        {k: state_layers[m.name][k] for k in m.observation}, m.view.stack))
+               for g in groups]
     averages, due, finite = counters.fold_statistics(
         state, old_obs, new_obs, stat_decay, stats_every)
     keep = jnp.logical_and(hp_ok, grads_ok)
     folded = due & finite & keep
     averages = jax.tree.map(lambda n, o: jnp.where(keep, n, o), averages, old_obs)
-    layer_states = {n: {**s, **averages.get(n, {})} for n, s in state_layers.items()}
+    layer_states = dict(state_layers)
+    for g, avg in zip(groups, averages):
+      for m, a in zip(g, _scatter(avg, g)):
+        layer_states[m.name] = {**state_layers[m.name],
+                                **_unflat_stack(a, m.view.stack)}
 
     # 2. Periodic refresh (inverses / eigendecompositions), over the slices.
-    captured = [m for m in matched if m.observation]
     if method.refresh is not None and captured:
       def refresh_all(ls):
         if distribute_over is not None:
           return _refresh_split(method, captured, ls, safe_gamma,
                                 distribute_over, mesh)
         out = dict(ls)
-        for m in captured:
-          per = _flat_stack(ls[m.name], m.view.stack)
-          fn = lambda s, view=m.view: method.refresh(s, safe_gamma, view)
-          out[m.name] = _unflat_stack(_over_slices(fn, per), m.view.stack)
+        for members in groups:
+          fn = lambda s, view=members[0].view: method.refresh(s, safe_gamma, view)
+          renewed = _over_slices(fn, _gather(members, lambda m: _flat_stack(
+              ls[m.name], m.view.stack)))
+          for m, r in zip(members, _scatter(renewed, members)):
+            out[m.name] = _unflat_stack(r, m.view.stack)
         return out
       due_refresh = jnp.logical_and((count % refresh_every) == 0, keep)
       layer_states = jax.lax.cond(due_refresh, refresh_all, lambda ls: ls,
                                   layer_states)
 
-    # 3. Precondition each captured layer (all slices at once), in float32, on
-    #    the gradient divided by one global power of two.
-    pieces = {m.name: m.pieces() for m in captured}
-    scale = pow2.pow2_scale(jnp.stack(
-        [jnp.max(jnp.abs(x)) for k, b in pieces.values()
-         for x in (k, b) if x is not None] or [jnp.zeros(())]))
-    results, inner = {}, jnp.zeros((), jnp.float32)
-    for m in captured:
-      kernel, bias = pieces[m.name]
-      per = _flat_stack(layer_states[m.name], m.view.stack)
-      fn = lambda s, k, b, view=m.view: method.solve(s, k, b, safe_gamma, view)
-      uk, ub, inn = jax.vmap(fn)(per, kernel / scale,
-                                 None if bias is None else bias / scale)
-      results[m.name] = (uk, ub)
+    # 3. Precondition, in float32, on the gradient divided by one global
+    #    power of two (exact), per shape group, all slices at once.
+    scale = pow2.pow2_scale(jnp.stack(group_max or [jnp.zeros(())]))
+    parts, inner = {}, jnp.zeros((), jnp.float32)
+    for members, kernel, bias in zip(groups, kernels, biases):
+      per = _gather(members, lambda m: _flat_stack(layer_states[m.name],
+                                                   m.view.stack))
+      view = members[0].view
+      if method.coefficients is not None:   # U = (G_hat - u w^T) / gamma
+        fn = lambda s, k, b, view=view: method.coefficients(s, k, b, safe_gamma,
+                                                            view)
+      else:                                 # U itself
+        fn = lambda s, k, b, view=view: method.solve(s, k, b, safe_gamma, view)
+      *out, inn = jax.vmap(fn)(per, kernel / scale,
+                               None if bias is None else bias / scale)
       inner = inner + jnp.sum(inn)
+      for m, o in zip(members, _scatter(tuple(out), members)):
+        parts[m.name] = o
 
     # 4. One global scaling over the captured layers (scale-free where it can).
     if scaling == "kl_normalize":
@@ -317,9 +393,24 @@ def layerwise_preconditioner(
       factor = kl.kl_clip_scale(inner, lr, kl_clip, scale)
     else:
       factor = scale
-    results = {n: (uk * factor, None if ub is None else ub * factor)
-               for n, (uk, ub) in results.items()}
-    result_ok = counters.all_finite(results)
+    if method.coefficients is not None:
+      # The update is formed once, fused with what follows (no pass of its
+      # own). It is finite wherever factor/gamma (2 + 2 |w|) is (each
+      # |G_hat / scale| < 2 and each |u| < 2: u is a power-of-two-scaled a),
+      # which a reduction over the small vectors w tells.
+      mult = factor / safe_gamma
+      results = {}
+      for m in captured:
+        uk, ub, w = parts[m.name]
+        k, b = m.pieces()
+        results[m.name] = rank_one.apply_coefficients(
+            k / scale, None if b is None else b / scale, uk, ub, w, mult)
+      result_ok = counters.all_finite(
+          (mult, [parts[m.name][2] for m in captured]))
+    else:
+      results = {n: (uk * factor, None if ub is None else ub * factor)
+                 for n, (uk, ub) in parts.items()}
+      result_ok = counters.all_finite(results)
 
     # 5. Back into the updates tree, in the gradient dtype; the safe step.
     new_updates = matching.write_back(updates, matched, results)

@@ -186,6 +186,11 @@ def match(method, updates: Any, state_layers: dict, stats: Any,
           f"{where} is in the gradients but was not in the params given to init; "
           "re-initialise the optimizer for this model.")
     st = by_path.get(path)
+    if st is None and views_lib.weight_name(node) not in ("kernel", "embedding"):
+      # Found only by a name a custom layer registered (register_dense makes it
+      # a layer-node name in every tree): without statistics it is no layer.
+      out.append(Matched(n, path, node, None, None))
+      continue
     if st is None:
       raise ValueError(
           f"{where} has no statistics. Compute grads and stats together with "

@@ -67,9 +67,9 @@ class TensorMethod:
       scale (grafting sets it).
     refresh: ``(states, damping) -> states`` over every preconditioned tensor
       (each field with one leading axis of slices), or ``None``.
-    unit_refresh: the refresh of one unit (one block of one slice: every
-      field without its leading axes of slices and blocks), giving the fields
-      it renews; used to split the refresh over devices.
+    unit_refresh: the refresh of units (blocks of slices: every field with
+      one leading axis of units instead of its axes of slices and blocks),
+      giving the fields it renews; used to split the refresh over devices.
     unit_cost: ``unit state -> estimated flops`` of :attr:`unit_refresh`.
     describe: ``state -> words`` for a state's layout, in messages.
   """
@@ -217,15 +217,17 @@ def _refresh_split(method: TensorMethod, flat: list[SliceState], gamma: Array,
                    axis: str, mesh: Any) -> list[SliceState]:
   """The refresh of every block of every tensor, split over ``axis``."""
   fns, inputs, costs, owners = [], [], [], []
+  fn = lambda units: method.unit_refresh(units, gamma)
   for t, state in enumerate(flat):
     n, rows = _unit_rows(state)
     for r in range(n):
       unit = {k: v[r] for k, v in rows.items()}
-      fns.append(lambda u: method.unit_refresh(u, gamma))
+      fns.append(fn)
       inputs.append(unit)
       costs.append(method.unit_cost(unit))
       owners.append(t)
-  results = distribute.split(axis, mesh, fns, inputs, costs)
+  results = distribute.split(axis, mesh, fns, inputs, costs,
+                             keys=[0] * len(inputs))
   out = []
   for t, state in enumerate(flat):
     mine = [r for r, o in zip(results, owners) if o == t]
@@ -251,7 +253,9 @@ def units(method: TensorMethod, params: Any, layer_views: Any = None
     one = jax.eval_shape(lambda: method.init(shape[depth:]))
     first = next(iter(one.values()))
     block = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in one.items()}
-    renewed = jax.eval_shape(lambda u: method.unit_refresh(u, 1.0), block)
+    batch = {k: jax.ShapeDtypeStruct((1,) + v.shape[1:], v.dtype)
+             for k, v in one.items()}
+    renewed = jax.eval_shape(lambda u: method.unit_refresh(u, 1.0), batch)
     size = sum(math.prod(v.shape) for v in jax.tree.leaves(renewed))
     for s in range(math.prod(shape[:depth])):
       for b in range(first.shape[0]):

@@ -30,6 +30,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from multidevice_util import FAST_COMPILE

@@ -157,19 +157,30 @@ def _sq(x: Array | None) -> Array:
   return jnp.zeros((), jnp.float32) if x is None else jnp.vdot(x, x)
 
 
+def _left_product(kernel: Array, bias: Array | None, u_kernel: Array,
+                  u_bias: Array | None) -> Array:
+  """``u^T G_hat`` in the two pieces of ``G_hat``."""
+  p = u_kernel @ kernel
+  return p if bias is None else p + u_bias * bias
+
+
 def _stable_inner(kernel: Array, bias: Array | None, u_kernel: Array,
-                  u_bias: Array | None, w: Array) -> Array:
+                  u_bias: Array | None, w: Array, inv_scale: Array = 1.0) -> Array:
   """``<G_hat - u w^T, G_hat>`` summed elementwise (no cancellation of
   ``|G_hat|^2 - u^T G_hat w``, which loses everything when ``G_hat`` is
-  itself nearly ``u w^T``: a batch of one)."""
-  inner = jnp.sum(kernel * (kernel - u_kernel[:, None] * w[None, :]))
+  itself nearly ``u w^T``: a batch of one), ``G_hat`` times the exact
+  ``inv_scale`` (a power of two) inside the reduction."""
+  k = kernel * inv_scale
+  inner = jnp.sum(k * (k - u_kernel[:, None] * w[None, :]))
   if bias is not None:
-    inner = inner + jnp.sum(bias * (bias - u_bias * w))
+    b = bias * inv_scale
+    inner = inner + jnp.sum(b * (b - u_bias * w))
   return inner
 
 
 def eva_coefficients(kernel: Array, bias: Array | None, a: Array, g: Array,
-                     damping: Array) -> tuple[Array, Array | None, Array, Array]:
+                     damping: Array, scale: Array = 1.0
+                     ) -> tuple[Array, Array | None, Array, Array]:
   """Eva's closed form as ``U = (G_hat - u w^T) / gamma``: ``(u_kernel,
   u_bias, w, <U, G_hat>)``.
 
@@ -188,21 +199,24 @@ def eva_coefficients(kernel: Array, bias: Array | None, a: Array, g: Array,
   damping by ``(s_a s_g)^2`` in log space, so ``|a|^2 |g|^2`` cannot overflow or
   underflow: inputs scaled by ``1e15`` give the same update as unscaled ones
   (the limit ``gamma -> 0``, a projection, when the scaled damping underflows).
+
+  ``G_hat`` is read as ``G_hat / scale`` (``scale`` a power of two, so the
+  division is exact): the caller's global scale, applied inside the two
+  reductions, so that the scaled gradient is never materialized.
   """
   sa, sg = pow2_scale(a), pow2_scale(g)
   a, g = a / sa, g / sg
   gamma = scaled_damping(damping, sa, sg)
   ak, ab = _split(a, kernel.shape[0])
-  p = ak @ kernel
-  if bias is not None:
-    p = p + ab * bias
+  p = _left_product(kernel, bias, ak, ab) / scale
   w = (jnp.vdot(p, g) / (_sq(a) * _sq(g) + gamma)) * g
-  inner = _stable_inner(kernel, bias, ak, ab, w) / damping
+  inner = _stable_inner(kernel, bias, ak, ab, w, 1.0 / scale) / damping
   return ak, ab, w, inner
 
 
 def eva_f_coefficients(kernel: Array, bias: Array | None, a: Array,
-                       damping: Array) -> tuple[Array, Array | None, Array, Array]:
+                       damping: Array, scale: Array = 1.0
+                       ) -> tuple[Array, Array | None, Array, Array]:
   """Eva-f's closed form as ``U = (G_hat - u w^T) / gamma`` (see
   :func:`eva_coefficients`): ``u = a``, ``w = G_hat^T a / (gamma + |a|^2)``.
 
@@ -211,17 +225,16 @@ def eva_f_coefficients(kernel: Array, bias: Array | None, a: Array,
     r = \\frac{\\hat G^T a}{\\gamma + \\|a\\|^2}
 
   (the paper's ``G_hat (a a^T + gamma I)^{-1}`` in its ``(d_out, d_in)``
-  view), ``a`` rescaled as in :func:`eva_coefficients`.
+  view), ``a`` rescaled and ``G_hat`` read as ``G_hat / scale`` as in
+  :func:`eva_coefficients`.
   """
   sa = pow2_scale(a)
   a = a / sa
   gamma = scaled_damping(damping, sa)
   ak, ab = _split(a, kernel.shape[0])
-  p = ak @ kernel
-  if bias is not None:
-    p = p + ab * bias
+  p = _left_product(kernel, bias, ak, ab) / scale
   w = p / (_sq(a) + gamma)
-  inner = _stable_inner(kernel, bias, ak, ab, w) / damping
+  inner = _stable_inner(kernel, bias, ak, ab, w, 1.0 / scale) / damping
   return ak, ab, w, inner
 
 

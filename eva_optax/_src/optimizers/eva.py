@@ -26,8 +26,8 @@ from eva_optax._src.preconditioner import training_chain
 
 EVA = layerwise.Method(
     name="eva", statistics="vectors", stat_keys=("a", "g"),
-    coefficients=lambda s, k, b, gamma, view: rank_one.eva_coefficients(
-        k, b, s["a"], s["g"], gamma),
+    coefficients=lambda s, k, b, gamma, view, scale: rank_one.eva_coefficients(
+        k, b, s["a"], s["g"], gamma, scale),
     damping_fix="Eva inverts v v^T + damping * I; the paper uses 0.03.")
 
 def scale_by_eva(

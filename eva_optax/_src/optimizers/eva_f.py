@@ -28,8 +28,8 @@ from eva_optax._src.preconditioner import training_chain
 
 EVA_F = layerwise.Method(
     name="eva_f", statistics="vectors", stat_keys=("a",),
-    coefficients=lambda s, k, b, gamma, view: rank_one.eva_f_coefficients(
-        k, b, s["a"], gamma),
+    coefficients=lambda s, k, b, gamma, view, scale: rank_one.eva_f_coefficients(
+        k, b, s["a"], gamma, scale),
     damping_fix="Eva-f inverts a a^T + damping * I; the paper uses 0.03.")
 
 

@@ -88,9 +88,10 @@ class Method:
   stat_keys: tuple[str, ...]        # LayerStatistics fields it averages
   # (state, kernel_2d, bias or None, damping, view) -> (U_kernel, U_bias, <U, G_hat>)
   solve: Callable[..., tuple[Array, Array | None, Array]] | None = None
-  # A rank-one closed form instead (Eva, Eva-f): U = (G_hat - u w^T) / damping,
-  # (state, kernel_2d, bias or None, damping, view) -> (u_kernel, u_bias, w,
-  # <U, G_hat>); the core forms U fused with what follows.
+  # A rank-one closed form instead (Eva, Eva-f): U = (G_hat - u w^T) / damping
+  # with G_hat the gradient over a power of two ``scale``, (state, kernel_2d,
+  # bias or None, damping, view, scale) -> (u_kernel, u_bias, w, <U, G_hat>);
+  # the core forms U fused with what follows.
   coefficients: Callable[..., tuple[Array, Array | None, Array, Array]] | None = None
   init_extra: Callable[[views_lib.LayerView], LayerState] = lambda view: {}
   # (state, damping, view) -> state
@@ -376,11 +377,12 @@ def layerwise_preconditioner(
       view = members[0].view
       if method.coefficients is not None:   # U = (G_hat - u w^T) / gamma
         fn = lambda s, k, b, view=view: method.coefficients(s, k, b, safe_gamma,
-                                                            view)
+                                                            view, scale)
+        *out, inn = jax.vmap(fn)(per, kernel, bias)
       else:                                 # U itself
         fn = lambda s, k, b, view=view: method.solve(s, k, b, safe_gamma, view)
-      *out, inn = jax.vmap(fn)(per, kernel / scale,
-                               None if bias is None else bias / scale)
+        *out, inn = jax.vmap(fn)(per, kernel / scale,
+                                 None if bias is None else bias / scale)
       inner = inner + jnp.sum(inn)
       for m, o in zip(members, _scatter(tuple(out), members)):
         parts[m.name] = o
@@ -403,8 +405,14 @@ def layerwise_preconditioner(
       for m in captured:
         uk, ub, w = parts[m.name]
         k, b = m.pieces()
-        results[m.name] = rank_one.apply_coefficients(
+        if not m.view.stack:     # one slice: its plain shape (fuses better)
+          k, b, uk, w = k[0], None if b is None else b[0], uk[0], w[0]
+          ub = None if ub is None else ub[0]
+        uk_, ub_ = rank_one.apply_coefficients(
             k / scale, None if b is None else b / scale, uk, ub, w, mult)
+        if not m.view.stack:
+          uk_, ub_ = uk_[None], None if ub_ is None else ub_[None]
+        results[m.name] = (uk_, ub_)
       result_ok = counters.all_finite(
           (mult, [parts[m.name][2] for m in captured]))
     else:

@@ -16,6 +16,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import eva_optax
+from eva_optax._src.wrappers import adaptive as adaptive_lib
 from eva_optax._src.wrappers import quadratic_model
 from adaptive_problems import linear_problem
 from adaptive_problems import tiny_problem
@@ -154,14 +155,14 @@ def test_sign_and_scale_of_the_direction_do_not_matter():
 def test_levenberg_marquardt_rule(rho, expected):
   omega = 0.95 ** 5
   lam = jnp.float32(1e-2)
-  new = float(quadratic_model.levenberg_marquardt(lam, jnp.float32(rho), omega, 0.25,
+  new = float(adaptive_lib.levenberg_marquardt(lam, jnp.float32(rho), omega, 0.25,
                                                0.75, 1e-8, 1e4))
   want = {"up": 1e-2 / omega, "same": 1e-2, "down": 1e-2 * omega}[expected]
   assert new == pytest.approx(want, rel=1e-6)
 
 
 def test_levenberg_marquardt_bounds():
-  lm = quadratic_model.levenberg_marquardt
+  lm = adaptive_lib.levenberg_marquardt
   assert float(lm(jnp.float32(1.0), jnp.float32(0.0), 0.5, 0.25, 0.75, 0.1, 1.5)) == 1.5
   assert float(lm(jnp.float32(0.15), jnp.float32(1.0), 0.5, 0.25, 0.75, 0.1, 1.5)) == \
       pytest.approx(0.1)

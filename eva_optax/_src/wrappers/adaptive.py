@@ -5,8 +5,10 @@ each step, with ``d`` the direction of a preconditioner (or of any optax
 transformation) and ``p`` the previous update, the update is
 ``u = alpha d + mu p`` with ``(alpha, mu)`` minimizing the damped quadratic model
 of the loss along the two directions, and the damping ``lambda`` follows the
-Levenberg-Marquardt rule. The curvature-vector products and the loss Hessians
-are in :mod:`eva_optax._src.quadratic_model`.
+Levenberg-Marquardt rule. This module holds the rule: the 2x2 solve, the
+damping's Levenberg-Marquardt move and the transformation; the
+curvature-vector products and the loss Hessians are the quadratic model's
+(:mod:`eva_optax._src.wrappers.quadratic_model`).
 """
 
 from __future__ import annotations
@@ -76,6 +78,47 @@ def _scale_direction_damping(tree: Any, factor: Array) -> Any:
     return x._replace(hyperparams={**x.hyperparams, "damping": new})
 
   return jax.tree.map(scale, tree, is_leaf=is_inject)
+
+
+def solve_two_by_two(m: Array, b: Array, has_p: Array,
+                     rcond: float = 1e-6) -> tuple[Array, Array, Array]:
+  """Minimizes ``c^T b + 1/2 c^T M c`` over ``c = (alpha, mu)``.
+
+  The 2x2 solve ``c = -M^{-1} b`` when ``has_p`` and ``M`` is safely positive
+  definite (``det M > rcond M_00 M_11``), otherwise the 1-D solve along the
+  first direction, ``c = (-b_0 / M_00, 0)`` (the first step, where ``p = 0``,
+  or ``d`` parallel to ``p``), otherwise zeros.
+
+  Returns:
+    ``(c, ok1, ok2)``: the coefficients and whether the 1-D and 2-D solves
+    were usable.
+  """
+  m00, m01, m11 = m[0, 0], 0.5 * (m[0, 1] + m[1, 0]), m[1, 1]
+  det = m00 * m11 - m01 * m01
+  finite = jnp.all(jnp.isfinite(m)) & jnp.all(jnp.isfinite(b))
+  ok1 = finite & (m00 > 0)
+  ok2 = ok1 & has_p & (m11 > 0) & (det > rcond * m00 * m11)
+  safe_det = jnp.where(ok2, det, 1.0)
+  c2 = jnp.stack([-(m11 * b[0] - m01 * b[1]), -(m00 * b[1] - m01 * b[0])]) / safe_det
+  c1 = jnp.stack([-b[0] / jnp.where(ok1, m00, 1.0), jnp.zeros_like(b[0])])
+  ok2 = ok2 & jnp.all(jnp.isfinite(c2))
+  c = jnp.where(ok2, c2, jnp.where(ok1, c1, jnp.zeros_like(c1)))
+  return c, ok1, ok2
+
+
+def levenberg_marquardt(damping: Array, rho: Array, factor: Any,
+                        lower: Any, upper: Any, minimum: Any,
+                        maximum: Any) -> Array:
+  """One Levenberg-Marquardt move of ``lambda`` on the reduction ratio ``rho``.
+
+  ``lambda / factor`` if ``rho < lower`` (or ``rho`` is not finite: the model
+  was not trusted), ``lambda * factor`` if ``rho > upper``, unchanged in
+  between; then clipped to ``[minimum, maximum]``. ``factor < 1``.
+  """
+  raise_it = ~(rho >= lower)
+  lower_it = rho > upper
+  move = jnp.where(raise_it, 1.0 / factor, jnp.where(lower_it, factor, 1.0))
+  return jnp.clip(damping * move, minimum, maximum).astype(damping.dtype)
 
 
 def adaptive(
@@ -330,7 +373,7 @@ def adaptive(
       model_finite = inputs_finite & counters.all_finite((cmat, dmat, b))
       m = cmat + lam * dmat
       has_p = dmat[1, 1] > 0
-      c, ok1, ok2 = quadratic_model.solve_two_by_two(m, b, has_p)
+      c, ok1, ok2 = solve_two_by_two(m, b, has_p)
       q = 0.5 * c @ m @ c + b @ c
       positive = cmat[0, 0] > 0
       step_ok = model_finite & positive & ok1 & (q < 0) & jnp.isfinite(q)
@@ -364,7 +407,7 @@ def adaptive(
         rose = due & ~(new <= old)
         rho_now = jnp.where(jnp.isfinite(new), (new - old) / q_rho, -jnp.inf)
         factor = jnp.asarray(damping_decay, jnp.float32) ** adapt_every
-        moved = quadratic_model.levenberg_marquardt(lam, rho_now, factor, lower_threshold,
+        moved = levenberg_marquardt(lam, rho_now, factor, lower_threshold,
                                     upper_threshold, min_damping, max_damping)
         new_lam = jnp.where(due, moved, lam)
         rho = jnp.where(due, rho_now, state.rho).astype(jnp.float32)

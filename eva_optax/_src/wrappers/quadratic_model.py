@@ -40,10 +40,7 @@ References:
   Martens, `New Insights and Perspectives on the Natural Gradient Method
   <https://arxiv.org/abs/1412.1193>`_, JMLR 2020.
 
-The step that minimizes the model in the span of two directions
-(:func:`solve_two_by_two`) and the Levenberg-Marquardt rule for its damping
-(:func:`levenberg_marquardt`) are here too; :mod:`eva_optax._src.adaptive`
-builds the optax transformation on them.
+:mod:`eva_optax._src.wrappers.adaptive` builds the adaptive step on it.
 """
 
 from __future__ import annotations
@@ -191,44 +188,3 @@ def gram_of_vectors(vectors: Sequence[Any], other: Any | None = None) -> Array:
   k = len(vectors)
   rows = [[vdot(vectors[i], vectors[j]) for j in range(k)] for i in range(k)]
   return jnp.stack([jnp.stack(r) for r in rows])
-
-
-def solve_two_by_two(m: Array, b: Array, has_p: Array,
-                     rcond: float = 1e-6) -> tuple[Array, Array, Array]:
-  """Minimizes ``c^T b + 1/2 c^T M c`` over ``c = (alpha, mu)``.
-
-  The 2x2 solve ``c = -M^{-1} b`` when ``has_p`` and ``M`` is safely positive
-  definite (``det M > rcond M_00 M_11``), otherwise the 1-D solve along the
-  first direction, ``c = (-b_0 / M_00, 0)`` (the first step, where ``p = 0``,
-  or ``d`` parallel to ``p``), otherwise zeros.
-
-  Returns:
-    ``(c, ok1, ok2)``: the coefficients and whether the 1-D and 2-D solves
-    were usable.
-  """
-  m00, m01, m11 = m[0, 0], 0.5 * (m[0, 1] + m[1, 0]), m[1, 1]
-  det = m00 * m11 - m01 * m01
-  finite = jnp.all(jnp.isfinite(m)) & jnp.all(jnp.isfinite(b))
-  ok1 = finite & (m00 > 0)
-  ok2 = ok1 & has_p & (m11 > 0) & (det > rcond * m00 * m11)
-  safe_det = jnp.where(ok2, det, 1.0)
-  c2 = jnp.stack([-(m11 * b[0] - m01 * b[1]), -(m00 * b[1] - m01 * b[0])]) / safe_det
-  c1 = jnp.stack([-b[0] / jnp.where(ok1, m00, 1.0), jnp.zeros_like(b[0])])
-  ok2 = ok2 & jnp.all(jnp.isfinite(c2))
-  c = jnp.where(ok2, c2, jnp.where(ok1, c1, jnp.zeros_like(c1)))
-  return c, ok1, ok2
-
-
-def levenberg_marquardt(damping: Array, rho: Array, factor: Any,
-                        lower: Any, upper: Any, minimum: Any,
-                        maximum: Any) -> Array:
-  """One Levenberg-Marquardt move of ``lambda`` on the reduction ratio ``rho``.
-
-  ``lambda / factor`` if ``rho < lower`` (or ``rho`` is not finite: the model
-  was not trusted), ``lambda * factor`` if ``rho > upper``, unchanged in
-  between; then clipped to ``[minimum, maximum]``. ``factor < 1``.
-  """
-  raise_it = ~(rho >= lower)
-  lower_it = rho > upper
-  move = jnp.where(raise_it, 1.0 / factor, jnp.where(lower_it, factor, 1.0))
-  return jnp.clip(damping * move, minimum, maximum).astype(damping.dtype)

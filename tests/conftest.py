@@ -9,18 +9,26 @@ Import the plain functions with ``from conftest import ...``.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import pathlib
 
-# XLA's CPU compiler dominates this suite's time; these flags cut its CPU time
-# about 3x for the small test programs (no LLVM optimization, no fusion
-# emitters). They change no result beyond float32 rounding, which every test
-# tolerates; subprocesses (examples, multi-device) inherit them. Set before any
-# backend starts; a user's own XLA_FLAGS come first and win.
-FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 "
-                      "--xla_cpu_use_fusion_emitters=false "
-                      "--xla_cpu_parallel_codegen_split_count=1")
-os.environ["XLA_FLAGS"] = " ".join(
-    [FAST_COMPILE_FLAGS, os.environ.get("XLA_FLAGS", "")]).strip()
+# XLA's CPU compiler dominates this suite's time; the fast-compile flags of
+# examples/harness/xla_flags.py (no LLVM optimization, no fusion emitters, one
+# codegen split) cut its CPU time about 3x for the small test programs. They
+# change no result beyond float32 rounding, which every test tolerates. Only the
+# flags the installed jaxlib accepts are used (an unknown flag aborts XLA); the
+# probe's answer is cached in the environment, so subprocesses (examples,
+# multi-device scripts) inherit both the flags and the answer. Set before any
+# backend starts; a user's own XLA_FLAGS come last and win. The module is loaded
+# from its file: the `harness` package imports jax, flax and matplotlib.
+_XLA_FLAGS_FILE = (pathlib.Path(__file__).resolve().parent.parent
+                   / "examples" / "harness" / "xla_flags.py")
+_spec = importlib.util.spec_from_file_location("eva_optax_xla_flags", _XLA_FLAGS_FILE)
+xla_flags = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(xla_flags)
+FAST_COMPILE_FLAGS = " ".join(xla_flags.fast_compile_flags())
+os.environ["XLA_FLAGS"] = xla_flags.with_fast_compile(os.environ.get("XLA_FLAGS", ""))
 
 import dataclasses  # pylint: disable=g-import-not-at-top,wrong-import-position
 from typing import Any, Callable

@@ -26,14 +26,14 @@ import tempfile
 import time
 from typing import Any, Sequence
 
+from conftest import FAST_COMPILE_FLAGS  # pylint: disable=g-bad-import-order
+
 # XLA flags that cut the CPU compile time of the small test programs ~5x
-# (measured on the jit script's K-FAC step: 8.8 s -> 1.6 s of CPU): no LLVM
-# optimisation, the older elemental emitters instead of the fusion emitters, one
-# codegen split. Compilation dominates these tests; both sides of every
-# comparison are compiled with the same flags.
-FAST_COMPILE = {"XLA_FLAGS": "--xla_backend_optimization_level=0 "
-                             "--xla_cpu_use_fusion_emitters=false "
-                             "--xla_cpu_parallel_codegen_split_count=1"}
+# (measured on the jit script's K-FAC step: 8.8 s -> 1.6 s of CPU), those of
+# examples/harness/xla_flags.py that the installed jaxlib accepts. Compilation
+# dominates these tests; both sides of every comparison are compiled with the
+# same flags.
+FAST_COMPILE = {"XLA_FLAGS": FAST_COMPILE_FLAGS}
 
 TESTS_DIR = pathlib.Path(__file__).resolve().parent
 SCRIPTS_DIR = TESTS_DIR / "multidevice"

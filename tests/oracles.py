@@ -20,6 +20,115 @@ def rel_err(x: Any, ref: Any) -> float:
   return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
 
+# ----------------------------------------------------------------------------
+# Tolerances from the computation, not from what one CPU printed.
+#
+# A float32 result r of a backward-stable computation is the exact result of
+# inputs perturbed by at most ``ops * eps32`` relative, where ``ops`` counts the
+# roundings on its longest dependency chain (n for a sum or dot product of n
+# terms, n for a solve, Cholesky or eigendecomposition of order n, the sum of
+# the stages' counts for a pipeline). To first order its relative error against
+# the exact (float64) result is then at most ``cond * ops * eps32``, with
+# ``cond`` the condition number of the result with respect to those inputs.
+# Two float32 computations of the same quantity (eager and jit, sharded and
+# replicated) differ by at most the sum of their bounds. The bounds are worst
+# cases (rounding errors add like a random walk in practice), so a correct
+# result passes on every CPU, while an error of the method (a wrong statistic,
+# damping or formula) changes the result by far more than eps32 * cond.
+
+EPS32 = float(np.finfo(np.float32).eps)   # 2^-23 = 1.19e-7
+
+
+def float32_tol(cond: float = 1.0, ops: float = 1.0) -> float:
+  """``cond * ops * eps32``: the first-order bound on a float32 result's relative error.
+
+  Args:
+    cond: the condition number of the result (1 for products and sums of
+      same-sign terms; see :func:`relative_condition`, :func:`spd_cond` and
+      :func:`inverse_root_cond` for the others).
+    ops: the roundings on the longest path of the computation (above).
+  """
+  return float(cond) * float(ops) * EPS32
+
+
+def propagated_tol(fn: Any, *inputs: tuple[Any, Any], h: float = 1e-6) -> float:
+  """The relative error bound of ``fn``'s result when its inputs carry float32 errors.
+
+  ``inputs`` are ``(x, ops)`` pairs: every entry of ``x`` is off by at most
+  ``ops * eps32`` relative (``ops`` a number or an array like ``x``: the
+  roundings on that input's path, a backward error). To first order the
+  result is then off by at most ``|| sum_x |J_x| (ops_x |x|) || eps32 / ||fn||``
+  (Frobenius), J_x the Jacobian of ``fn`` (float64, central differences of
+  relative step ``h``): the conditioning of this very problem, cancellations
+  included. Meant for the small oracles of these tests (two calls of ``fn``
+  per input entry).
+  """
+  args = [to64(x) for x, _ in inputs]
+  f0 = to64(fn(*args)).ravel()
+  acc = np.zeros_like(f0)
+  for i, (x, (_, ops)) in enumerate(zip(args, inputs)):
+    flat, weight = x.ravel(), np.broadcast_to(to64(ops), x.shape).ravel()
+    for j in np.flatnonzero(flat * weight):
+      step = h * abs(flat[j])
+      out = []
+      for sign in (1.0, -1.0):
+        xj = flat.copy()
+        xj[j] += sign * step
+        out.append(to64(fn(*args[:i], xj.reshape(x.shape), *args[i + 1:])).ravel())
+      acc += weight[j] * np.abs(out[0] - out[1]) / (2.0 * h)   # ops |df/dx_j| |x_j|
+  return float(EPS32 * np.linalg.norm(acc) / np.linalg.norm(f0))
+
+
+def relative_condition(fn: Any, *args: Any) -> float:
+  """The componentwise relative condition number of ``fn`` at ``args`` (float64).
+
+  ``|| |J| |x| || / ||fn(x)||``: a relative perturbation of at most e of every
+  input entry changes the result by at most ``cond * e`` relative, to first
+  order (:func:`propagated_tol` with one rounding per entry, over eps32).
+  """
+  return propagated_tol(fn, *((a, 1.0) for a in args)) / EPS32
+
+
+def spd_cond(m: Any) -> float:
+  """``lambda_max / lambda_min`` of a symmetric positive definite matrix (float64).
+
+  The normwise condition number of ``m^{-1} b``: a solve, Cholesky or
+  eigendecomposition in float32 is the exact one of ``m + E`` with
+  ``||E|| <= n eps32 ||m||`` (normwise, not entry by entry), which moves the
+  solution by up to ``spd_cond(m) * n * eps32`` relative.
+  """
+  d = np.linalg.eigvalsh(to64(m))
+  return float(d[-1] / d[0])
+
+
+def inverse_root_apply_bound(m: Any, p: float, ridge: float, y: Any, ops: float) -> float:
+  """Bound on the error of ``f(m) @ y``, ``f(x) = (x + ridge * lambda_max)^{-1/p}``, float32 eigh.
+
+  An eigendecomposition (and a statistic summed in float32) is exact for
+  ``m + E`` with ``||E|| <= ops * eps32 * lambda_max`` (normwise). In the
+  eigenbasis ``m = Q diag(lam) Q^T`` the root's first-order change is
+  ``Q (F o Q^T E Q) Q^T`` with ``F_ij = f[lam_i, lam_j]`` its divided
+  differences, and every entry of ``Q^T E Q`` is at most ``||E||``, so
+  ``||delta f(m) y||_F <= ||E|| * || |F| |Q^T y| ||_F``. The bound grows with
+  the spread of the eigenvalues over the ridge (``f'(x) = -(1/p) f(x) / (x + r)``)
+  where ``y`` has weight on small eigenvalues, and stays small where it does
+  not (a gradient inside the span of the statistics it built).
+  """
+  m, y = to64(m), to64(y)
+  lam, q = np.linalg.eigh(0.5 * (m + m.T))
+  lam = np.clip(lam, 0.0, None)
+  r = ridge * max(lam[-1], float(np.finfo(np.float32).tiny))
+  f = (lam + r) ** (-1.0 / p)
+  fprime = -(1.0 / p) * f / (lam + r)
+  li, lj = np.meshgrid(lam, lam, indexing="ij")
+  close = np.abs(li - lj) <= 1e-8 * (lam[-1] + r)
+  with np.errstate(divide="ignore", invalid="ignore"):
+    div = np.where(close, 0.5 * (fprime[:, None] + fprime[None, :]),
+                   (f[:, None] - f[None, :]) / (li - lj))
+  e_norm = ops * EPS32 * lam[-1]
+  return float(e_norm * np.linalg.norm(np.abs(div) @ np.abs(q.T @ y)))
+
+
 def assert_trees_close(actual: Any, expected: Any, *, rtol: float = 1e-5,
                        atol: float = 1e-6) -> None:
   """Same tree structure, same leaf shapes, and leaves close (chex names the failing path)."""

@@ -101,32 +101,46 @@ def spd_cond(m: Any) -> float:
   return float(d[-1] / d[0])
 
 
-def inverse_root_apply_bound(m: Any, p: float, ridge: float, y: Any, ops: float) -> float:
-  """Bound on the error of ``f(m) @ y``, ``f(x) = (x + ridge * lambda_max)^{-1/p}``, float32 eigh.
+def spectral_apply_bound(m: Any, fn: Any, dfn: Any, y: Any, ops: float) -> float:
+  """Bound on the float32 error of ``f(m) @ y`` for a symmetric PSD ``m`` and a spectral ``f``.
 
-  An eigendecomposition (and a statistic summed in float32) is exact for
-  ``m + E`` with ``||E|| <= ops * eps32 * lambda_max`` (normwise). In the
-  eigenbasis ``m = Q diag(lam) Q^T`` the root's first-order change is
-  ``Q (F o Q^T E Q) Q^T`` with ``F_ij = f[lam_i, lam_j]`` its divided
-  differences, and every entry of ``Q^T E Q`` is at most ``||E||``, so
-  ``||delta f(m) y||_F <= ||E|| * || |F| |Q^T y| ||_F``. The bound grows with
-  the spread of the eigenvalues over the ridge (``f'(x) = -(1/p) f(x) / (x + r)``)
-  where ``y`` has weight on small eigenvalues, and stays small where it does
-  not (a gradient inside the span of the statistics it built).
+  ``fn(lam)`` and ``dfn(lam)`` give f and f' at the eigenvalues (ascending).
+  An eigendecomposition or Cholesky factorization (and a statistic summed in
+  float32) is exact for ``m + E`` with ``||E|| <= ops * eps32 * lambda_max``
+  (normwise). In the eigenbasis ``m = Q diag(lam) Q^T`` the first-order change
+  of ``f(m)`` is ``Q (F o Q^T E Q) Q^T`` with ``F_ij = f[lam_i, lam_j]`` the
+  divided differences (Daleckii-Krein). With ``Y = Q^T y``, entry (i, c) of
+  ``(F o E') Y`` (``E' = Q^T E Q``) is ``e_i^T E' v`` with ``v_j = F_ij Y_jc``,
+  at most ``||E|| |v|`` (Cauchy-Schwarz), so ``||delta f(m) y||_F <= ||E|| *
+  sqrt(sum_icj F_ij^2 Y_jc^2)``. It grows with ``|f'|`` where ``y`` has weight
+  (small eigenvalues for an inverse or inverse root: the eigenvalue spread over
+  the damping), and with ``1 / gap`` where f jumps between eigenvalues (a
+  rank-k truncation).
   """
   m, y = to64(m), to64(y)
   lam, q = np.linalg.eigh(0.5 * (m + m.T))
   lam = np.clip(lam, 0.0, None)
-  r = ridge * max(lam[-1], float(np.finfo(np.float32).tiny))
-  f = (lam + r) ** (-1.0 / p)
-  fprime = -(1.0 / p) * f / (lam + r)
+  f, fprime = to64(fn(lam)), to64(dfn(lam))
   li, lj = np.meshgrid(lam, lam, indexing="ij")
-  close = np.abs(li - lj) <= 1e-8 * (lam[-1] + r)
+  close = np.abs(li - lj) <= 1e-12 * max(lam[-1], 1e-300)
   with np.errstate(divide="ignore", invalid="ignore"):
     div = np.where(close, 0.5 * (fprime[:, None] + fprime[None, :]),
                    (f[:, None] - f[None, :]) / (li - lj))
   e_norm = ops * EPS32 * lam[-1]
-  return float(e_norm * np.linalg.norm(np.abs(div) @ np.abs(q.T @ y)))
+  return float(e_norm * np.sqrt(np.sum(div ** 2 @ (q.T @ y) ** 2)))
+
+
+def inverse_root_apply_bound(m: Any, p: float, ridge: float, y: Any, ops: float,
+                             shift: float = 0.0) -> float:
+  """:func:`spectral_apply_bound` for ``f(x) = (x + r)^{-1/p}``, ``r = ridge *
+  lambda_max + shift`` (a relative ridge as Shampoo's, an absolute damping as
+  K-FAC's and FOOF's: ``p = 1`` is the damped inverse). ``f'(x) = -(1/p) f(x)
+  / (x + r)``: the bound grows with the spread of the eigenvalues over r.
+  """
+  lam_max = max(float(np.linalg.eigvalsh(to64(m)).max()), float(np.finfo(np.float32).tiny))
+  r = ridge * lam_max + shift
+  fn = lambda lam: (lam + r) ** (-1.0 / p)
+  return spectral_apply_bound(m, fn, lambda lam: -(1.0 / p) * fn(lam) / (lam + r), y, ops)
 
 
 def assert_trees_close(actual: Any, expected: Any, *, rtol: float = 1e-5,

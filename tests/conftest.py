@@ -42,10 +42,10 @@ import pytest
 # The NumPy oracles and the optimizers' references live in their own modules;
 # tests import them from here.
 from oracles import (  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
-    EPS32, assert_like_params, assert_trees_close, eva_closed_form, eva_dense_solve,
-    eva_f_dense_solve, float32_tol, im2col, inverse_root_apply_bound, layer_view, propagated_tol,
-    rel_err, relative_condition, same_padding, spectral_apply_bound, spd_cond, to64,
-    with_one)
+    EPS32, assert_float32_twins, assert_like_params, assert_propagated, assert_trees_close,
+    eva_closed_form, eva_dense_solve, eva_f_dense_solve, float32_tol, im2col,
+    inverse_root_apply_bound, layer_view, propagated_bound, propagated_tol, rel_err,
+    relative_condition, same_padding, spectral_apply_bound, spd_cond, to64, with_one)
 from optimizer_refs import (  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
     LAYERWISE, OPTIMIZERS, SMALL_DAMPING, cosine, eva_s_reference,
     layer_matrix, layerwise_reference, matrix_to_node, numpy_init,
@@ -129,6 +129,17 @@ class SingleLayerProblem:
   def g(self) -> np.ndarray:
     """Mean over all rows of dL/dy."""
     return self.dy.reshape(-1, self.dy.shape[-1]).mean(axis=0)
+
+  def dy_ops(self) -> np.ndarray:
+    """Per entry of ``dy``, the roundings of the library's float32 ``dL/dy``.
+
+    ``y`` is a dot product of d_in + 1 terms (d_in + 1 roundings on
+    ``|x||W| + |b|``), then ``(y - t) / B`` (two more): relative to ``|dy|``,
+    ``(d_in + 1) (|x||W| + |b|) / |y - t| + 2``.
+    """
+    rows = with_one(self.rows)
+    y_abs = np.abs(rows) @ np.abs(layer_view(self.params))
+    return rows.shape[-1] * y_abs / np.abs(self.dy * self.x.shape[0]) + 2
 
 
 def single_layer_problem(case: LayerCase, seed: int = 0, x_mean: float = 1.0,

@@ -51,21 +51,22 @@ def float32_tol(cond: float = 1.0, ops: float = 1.0) -> float:
   return float(cond) * float(ops) * EPS32
 
 
-def propagated_tol(fn: Any, *inputs: tuple[Any, Any], h: float = 1e-6) -> float:
-  """The relative error bound of ``fn``'s result when its inputs carry float32 errors.
+def propagated_bound(fn: Any, *inputs: tuple[Any, Any], h: float = 1e-6) -> np.ndarray:
+  """Entrywise first-order bound on ``fn``'s float32 error, from its inputs' errors.
 
   ``inputs`` are ``(x, ops)`` pairs: every entry of ``x`` is off by at most
   ``ops * eps32`` relative (``ops`` a number or an array like ``x``: the
-  roundings on that input's path, a backward error). To first order the
-  result is then off by at most ``|| sum_x |J_x| (ops_x |x|) || eps32 / ||fn||``
-  (Frobenius), J_x the Jacobian of ``fn`` (float64, central differences of
-  relative step ``h``): the conditioning of this very problem, cancellations
-  included. Meant for the small oracles of these tests (two calls of ``fn``
-  per input entry).
+  roundings on that input's path as a backward error; a sum or dot product
+  of n terms is exact for its terms perturbed by n roundings, a product for
+  one). To first order every entry of the result is then off by at most
+  ``eps32 * sum_x |J_x| (ops_x |x|)``, J_x the Jacobian of ``fn`` (float64,
+  central differences of relative step ``h``): for a sum, ``ops eps32`` times
+  the sum of the terms' magnitudes, cancellations included. Meant for the
+  small oracles of these tests (two calls of ``fn`` per input entry).
   """
   args = [to64(x) for x, _ in inputs]
-  f0 = to64(fn(*args)).ravel()
-  acc = np.zeros_like(f0)
+  f0 = to64(fn(*args))
+  acc = np.zeros(f0.size)
   for i, (x, (_, ops)) in enumerate(zip(args, inputs)):
     flat, weight = x.ravel(), np.broadcast_to(to64(ops), x.shape).ravel()
     for j in np.flatnonzero(flat * weight):
@@ -76,7 +77,48 @@ def propagated_tol(fn: Any, *inputs: tuple[Any, Any], h: float = 1e-6) -> float:
         xj[j] += sign * step
         out.append(to64(fn(*args[:i], xj.reshape(x.shape), *args[i + 1:])).ravel())
       acc += weight[j] * np.abs(out[0] - out[1]) / (2.0 * h)   # ops |df/dx_j| |x_j|
-  return float(EPS32 * np.linalg.norm(acc) / np.linalg.norm(f0))
+  return EPS32 * acc.reshape(f0.shape)
+
+
+def propagated_tol(fn: Any, *inputs: tuple[Any, Any], h: float = 1e-6) -> float:
+  """The relative (Frobenius) form of :func:`propagated_bound`: the conditioning of
+  this very problem, cancellations included, times its inputs' roundings."""
+  bound = propagated_bound(fn, *inputs, h=h)
+  return float(np.linalg.norm(bound) / np.linalg.norm(to64(fn(*(x for x, _ in inputs)))))
+
+
+def assert_propagated(got: Any, fn: Any, *inputs: tuple[Any, Any], err_msg: str = "") -> None:
+  """``got`` (float32) equals ``fn(*x)`` (float64) within :func:`propagated_bound`, entrywise."""
+  ref = to64(fn(*(x for x, _ in inputs)))
+  bound = propagated_bound(fn, *inputs)
+  err = np.abs(to64(got) - ref)
+  worst = np.unravel_index(np.argmax(err - bound), err.shape) if err.ndim else ()
+  assert np.all(err <= bound), (
+      f"{err_msg}: |got - ref| = {err[worst]:.3g} > bound {bound[worst]:.3g} at {worst}")
+
+
+def assert_float32_twins(got: Any, ref: Any, ops: float, magnitude: Any = None,
+                         err_msg: str = "") -> None:
+  """Two float32 evaluations of the same quantity by different operation orders.
+
+  Each is within ``ops * eps32`` of the exact value, relative to the
+  magnitude of its terms (``ops``: the roundings on the longest path, e.g. a
+  sum's length), so they differ by at most ``2 ops eps32 magnitude``,
+  entrywise. ``magnitude``: the same quantity computed from the absolute
+  values of its terms where the test has them (a mean of |rows|; cancelling
+  terms make it exceed |ref|); by default ``|ref|`` with a floor of
+  ``max |ref|``, i.e. terms that share their sign or cancel to at most the
+  largest entry (means of positive activations, Gram matrices, the loss and
+  gradients of these small well-scaled models).
+  """
+  got, ref = to64(got), to64(ref)
+  if magnitude is None:
+    magnitude = np.maximum(np.abs(ref), np.abs(ref).max(initial=0.0))
+  bound = 2.0 * float32_tol(1.0, ops) * to64(magnitude)
+  err = np.abs(got - ref)
+  worst = np.unravel_index(np.argmax(err - bound), err.shape) if err.ndim else ()
+  assert np.all(err <= bound), (
+      f"{err_msg}: |got - ref| = {err[worst]:.3g} > bound {bound[worst]:.3g} at {worst}")
 
 
 def relative_condition(fn: Any, *args: Any) -> float:

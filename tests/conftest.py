@@ -154,9 +154,10 @@ def single_layer_problem(case: LayerCase, seed: int = 0, x_mean: float = 1.0,
   rows = case.rows(x)
   w_hat = layer_view(params)
   y_rows = with_one(rows) @ w_hat              # (examples, positions, d_out)
-  y_ref = y_rows.reshape(y.shape)
-  np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4,
-                             err_msg=f"the test's own im2col/layer view is wrong for {case.name}")
+  # The layer's float32 output: dot products of d_in + 1 terms (+1 rounding).
+  assert_propagated(y.reshape(y_rows.shape), lambda w: with_one(rows) @ w,
+                    (w_hat, rows.shape[-1] + 2),
+                    err_msg=f"the test's own im2col/layer view is wrong for {case.name}")
   t_rows = to64(target).reshape(y_rows.shape)
   dy = (y_rows - t_rows) / x.shape[0]
   return SingleLayerProblem(model=model, params=params, x=x, target=target,

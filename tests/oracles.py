@@ -84,12 +84,12 @@ def propagated_tol(fn: Any, *inputs: tuple[Any, Any], h: float = 1e-6) -> float:
   """The relative (Frobenius) form of :func:`propagated_bound`: the conditioning of
   this very problem, cancellations included, times its inputs' roundings."""
   bound = propagated_bound(fn, *inputs, h=h)
-  return float(np.linalg.norm(bound) / np.linalg.norm(to64(fn(*(x for x, _ in inputs)))))
+  return float(np.linalg.norm(bound) / np.linalg.norm(to64(fn(*(to64(x) for x, _ in inputs)))))
 
 
 def assert_propagated(got: Any, fn: Any, *inputs: tuple[Any, Any], err_msg: str = "") -> None:
   """``got`` (float32) equals ``fn(*x)`` (float64) within :func:`propagated_bound`, entrywise."""
-  ref = to64(fn(*(x for x, _ in inputs)))
+  ref = to64(fn(*(to64(x) for x, _ in inputs)))
   bound = propagated_bound(fn, *inputs)
   err = np.abs(to64(got) - ref)
   worst = np.unravel_index(np.argmax(err - bound), err.shape) if err.ndim else ()

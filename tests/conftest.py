@@ -49,7 +49,7 @@ from oracles import (  # pylint: disable=g-import-not-at-top,wrong-import-positi
 from optimizer_refs import (  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
     LAYERWISE, OPTIMIZERS, SMALL_DAMPING, cosine, eva_s_reference,
     layer_matrix, layerwise_reference, matrix_to_node, numpy_init,
-    preconditioner, reference_update, shampoo_reference)
+    preconditioner, reference_tol, reference_update, shampoo_reference)
 
 # ----------------------------------------------------------------------------
 # The captured layer types, with an independent description of their rows.

@@ -194,12 +194,13 @@ def reference_update(name: str, node: Any, st: Any, damping: float | None = None
 
 
 def _layerwise_bound(name: str, gm: np.ndarray, st: dict[str, np.ndarray], damping: float,
-                     input_ops: float) -> np.ndarray:
+                     input_ops: Any) -> np.ndarray:
   """Entrywise bound on ``layerwise_reference(name, gm, st, damping)``'s float32 error.
 
   Componentwise (:func:`~oracles.propagated_bound`): every input carries
   ``input_ops`` roundings (where the library's inputs are its own float32 ones
-  and the reference's another program's) plus the method's own: Eva's and
+  and the reference's another program's; a number, or a dict by "gm", "a",
+  "g", "A", "G" of numbers or arrays like the input) plus the method's own: Eva's and
   Eva-f's closed forms ``d_a + d_out + 4`` on every input, K-FAC's and FOOF's
   products with the inverses ``n_A + n_G`` (FOOF: ``2 n + 2``) on G_hat, the
   traces of K-FAC's pi ``n`` on each factor, a float32 damping one. Then the
@@ -214,8 +215,10 @@ def _layerwise_bound(name: str, gm: np.ndarray, st: dict[str, np.ndarray], dampi
          "eva_f": dict.fromkeys(["gm", "a", "d"], d_a + d_out + 4),
          "kfac": {"gm": d_a + d_out, "A": d_a, "G": d_out, "d": 1},
          "foof": {"gm": 2 * d_a + 2, "d": 1}}[name]
-  pairs = [(gm, input_ops + own.get("gm", 0)), (np.float64(damping), own["d"])]
-  pairs += [(st[k], input_ops + own.get(k, 0)) for k in keys]
+  extra = input_ops if isinstance(input_ops, dict) else dict.fromkeys(
+      ["gm"] + keys, input_ops)
+  pairs = [(gm, extra.get("gm", 0.0) + own.get("gm", 0)), (np.float64(damping), own["d"])]
+  pairs += [(st[k], extra.get(k, 0.0) + own.get(k, 0)) for k in keys]
   bound = propagated_bound(fn, *pairs)
   a_f = st.get("A")
   if name == "kfac" and a_f.ndim == 2:
@@ -269,21 +272,23 @@ def _per_tensor_bound(name: str, t: np.ndarray, damping: float, input_ops: float
 
 
 def reference_tol(name: str, node: Any, st: Any, damping: float | None = None,
-                  input_ops: float = 0.0) -> dict[str, float]:
+                  input_ops: Any = 0.0) -> dict[str, float]:
   """Per leaf of :func:`reference_update`, the relative float32 bound of the library's step.
 
   ``input_ops``: roundings by which the library's gradient and statistics may
-  differ from the ones given here (0 when the test passes the library's own).
+  differ from the ones given here (0 when the test passes the library's own;
+  per input as in :func:`_layerwise_bound`).
   """
   damping = SMALL_DAMPING[name] if damping is None else damping
-  ref = reference_update(name, node, st, damping)
   if name in ("eva_s", "shampoo"):
+    ref = reference_update(name, node, st, damping)
     return {k: float(np.linalg.norm(_per_tensor_bound(name, to64(v), damping, input_ops))
                      / np.linalg.norm(ref[k])) for k, v in node.items()}
-  d_in = len(np.asarray(st["a"] if isinstance(st, dict) else st.a)) - int("bias" in node)
   get = (lambda k: st.get(k)) if isinstance(st, dict) else (lambda k: getattr(st, k, None))
   st64 = {k: to64(get(k)) for k in ("a", "g", "A", "G") if get(k) is not None}
-  bound = matrix_to_node(_layerwise_bound(name, layer_matrix(node, d_in), st64, damping,
-                                          input_ops), node)
+  d_in = len(st64["a"]) - int("bias" in node)
+  gm = layer_matrix(node, d_in)
+  ref = matrix_to_node(layerwise_reference(name, gm, st64, damping), node)
+  bound = matrix_to_node(_layerwise_bound(name, gm, st64, damping, input_ops), node)
   return {k: float(np.linalg.norm(bound[k]) / np.linalg.norm(ref[k])) for k in ref}
 

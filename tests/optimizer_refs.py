@@ -189,7 +189,7 @@ def reference_update(name: str, node: Any, st: Any, damping: float | None = None
     return {k: fn(v, damping) for k, v in node.items()}
   get = (lambda k: st.get(k)) if isinstance(st, dict) else (lambda k: getattr(st, k, None))
   st = {k: to64(get(k)) for k in ("a", "g", "A", "G") if get(k) is not None}
-  d_in = len(st["a"]) - int("bias" in node)
+  d_in = len(st["a"] if "a" in st else st["A"]) - int("bias" in node)
   u = layerwise_reference(name, layer_matrix(node, d_in), st, damping)
   return matrix_to_node(u, node)
 
@@ -292,7 +292,7 @@ def reference_tol(name: str, node: Any, st: Any, damping: float | None = None,
                      / np.linalg.norm(ref[k])) for k, v in node.items()}
   get = (lambda k: st.get(k)) if isinstance(st, dict) else (lambda k: getattr(st, k, None))
   st64 = {k: to64(get(k)) for k in ("a", "g", "A", "G") if get(k) is not None}
-  d_in = len(st64["a"]) - int("bias" in node)
+  d_in = len(st64["a"] if "a" in st64 else st64["A"]) - int("bias" in node)
   gm = layer_matrix(node, d_in)
   ref = matrix_to_node(layerwise_reference(name, gm, st64, damping), node)
   bound = matrix_to_node(_layerwise_bound(name, gm, st64, damping, input_ops), node)

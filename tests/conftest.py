@@ -45,7 +45,7 @@ from oracles import (  # pylint: disable=g-import-not-at-top,wrong-import-positi
     EPS32, assert_float32_twins, assert_like_params, assert_propagated, assert_trees_close,
     eva_closed_form, eva_dense_solve, eva_f_dense_solve, float32_tol, im2col,
     inverse_root_apply_bound, layer_view, propagated_bound, propagated_tol, rel_err,
-    relative_condition, same_padding, spectral_apply_bound, spd_cond, to64, with_one)
+    relative_condition, same_padding, spectral_apply_bound, to64, with_one)
 from optimizer_refs import (  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
     LAYERWISE, OPTIMIZERS, SMALL_DAMPING, cosine, eva_s_reference,
     layer_matrix, layerwise_reference, matrix_to_node, numpy_init,

@@ -30,6 +30,9 @@ def rel_err(x: Any, ref: Any) -> float:
 # the stages' counts for a pipeline). To first order its relative error against
 # the exact (float64) result is then at most ``cond * ops * eps32``, with
 # ``cond`` the condition number of the result with respect to those inputs.
+# Roundings after the last input-dependent step (a final division or root)
+# are relative errors of the result itself: they add ``k * eps32 * |result|``
+# (a function insensitive to its inputs, as a cosine near 1, still has them).
 # Two float32 computations of the same quantity (eager and jit, sharded and
 # replicated) differ by at most the sum of their bounds. The bounds are worst
 # cases (rounding errors add like a random walk in practice), so a correct
@@ -44,8 +47,8 @@ def float32_tol(cond: float = 1.0, ops: float = 1.0) -> float:
 
   Args:
     cond: the condition number of the result (1 for products and sums of
-      same-sign terms; see :func:`relative_condition`, :func:`spd_cond` and
-      :func:`inverse_root_cond` for the others).
+      same-sign terms; see :func:`relative_condition`, :func:`propagated_tol`
+      and :func:`spectral_apply_bound` for the others).
     ops: the roundings on the longest path of the computation (above).
   """
   return float(cond) * float(ops) * EPS32
@@ -129,18 +132,6 @@ def relative_condition(fn: Any, *args: Any) -> float:
   order (:func:`propagated_tol` with one rounding per entry, over eps32).
   """
   return propagated_tol(fn, *((a, 1.0) for a in args)) / EPS32
-
-
-def spd_cond(m: Any) -> float:
-  """``lambda_max / lambda_min`` of a symmetric positive definite matrix (float64).
-
-  The normwise condition number of ``m^{-1} b``: a solve, Cholesky or
-  eigendecomposition in float32 is the exact one of ``m + E`` with
-  ``||E|| <= n eps32 ||m||`` (normwise, not entry by entry), which moves the
-  solution by up to ``spd_cond(m) * n * eps32`` relative.
-  """
-  d = np.linalg.eigvalsh(to64(m))
-  return float(d[-1] / d[0])
 
 
 def spectral_apply_bound(m: Any, fn: Any, dfn: Any, y: Any, ops: float) -> float:

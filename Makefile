@@ -5,7 +5,7 @@ FMNIST_DIR := /usr/share/datasets/fashion-mnist
 # One OpenBLAS thread: on a shared CPU its threads make LAPACK (eigh) far slower.
 export OPENBLAS_NUM_THREADS ?= 1
 
-.PHONY: install data test demo bench clean docs build
+.PHONY: install data test test-latest demo bench clean docs build
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -42,8 +42,33 @@ data:
 	  echo "or give examples/transformer_lm.py a text file of your own with --text FILE."; \
 	fi
 
+PYTEST_ARGS := -q -n 2 --durations=25 tests
+
 test: install data
-	$(PY) -m pytest -q -n 2 --durations=25 tests
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The same suite on the newest releases: Python 3.13 and the newest jax, jaxlib, flax, optax and
+# chex in $(VENV_LATEST) (pip --upgrade on every run, so it follows new releases). The
+# interpreter: $(PYTHON313) if set, else `python3.13` on PATH when it runs (a pyenv shim for a
+# version that is not selected is on PATH but fails), else the newest pyenv
+# $(PYENV_ROOT)/versions/3.13.*/bin/python (PYENV_ROOT defaults to ~/.pyenv).
+VENV_LATEST ?= .venv-latest
+PYENV_ROOT ?= $(HOME)/.pyenv
+PYTHON313 ?= $(shell if python3.13 -c "" >/dev/null 2>&1; then command -v python3.13; \
+  else ls -d $(PYENV_ROOT)/versions/3.13.*/bin/python 2>/dev/null | sort -V | tail -n 1; fi)
+
+test-latest: data
+	@test -n "$(PYTHON313)" || { echo "Python 3.13 not found: put python3.13 on PATH," \
+	  "install it with pyenv (pyenv install 3.13), or set PYTHON313=/path/to/python3.13"; exit 1; }
+	@test -x $(VENV_LATEST)/bin/python || $(PYTHON313) -m venv $(VENV_LATEST)
+	$(VENV_LATEST)/bin/pip install -q --upgrade pip
+	$(VENV_LATEST)/bin/pip install -q -e ".[test,examples]"
+	$(VENV_LATEST)/bin/pip install -q --upgrade jax jaxlib flax optax chex
+	@$(VENV_LATEST)/bin/python -c "import sys, jax, jaxlib, flax, optax, chex; \
+	  print('Python', sys.version.split()[0], '| jax', jax.__version__, '| jaxlib', \
+	  jaxlib.__version__, '| flax', flax.__version__, '| optax', optax.__version__, \
+	  '| chex', chex.__version__)"
+	$(VENV_LATEST)/bin/python -m pytest $(PYTEST_ARGS)
 
 demo: install data
 	$(PY) examples/demo.py
@@ -67,4 +92,4 @@ build: install
 	$(PY) -m build --outdir dist .
 
 clean:
-	rm -rf $(VENV) results docs/_build dist
+	rm -rf $(VENV) $(VENV_LATEST) results docs/_build dist

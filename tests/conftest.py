@@ -9,18 +9,26 @@ Import the plain functions with ``from conftest import ...``.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import pathlib
 
-# XLA's CPU compiler dominates this suite's time; these flags cut its CPU time
-# about 3x for the small test programs (no LLVM optimization, no fusion
-# emitters). They change no result beyond float32 rounding, which every test
-# tolerates; subprocesses (examples, multi-device) inherit them. Set before any
-# backend starts; a user's own XLA_FLAGS come first and win.
-FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 "
-                      "--xla_cpu_use_fusion_emitters=false "
-                      "--xla_cpu_parallel_codegen_split_count=1")
-os.environ["XLA_FLAGS"] = " ".join(
-    [FAST_COMPILE_FLAGS, os.environ.get("XLA_FLAGS", "")]).strip()
+# XLA's CPU compiler dominates this suite's time; the fast-compile flags of
+# examples/harness/xla_flags.py (no LLVM optimization, no fusion emitters, one
+# codegen split) cut its CPU time about 3x for the small test programs. They
+# change no result beyond float32 rounding, which every test tolerates. Only the
+# flags the installed jaxlib accepts are used (an unknown flag aborts XLA); the
+# probe's answer is cached in the environment, so subprocesses (examples,
+# multi-device scripts) inherit both the flags and the answer. Set before any
+# backend starts; a user's own XLA_FLAGS come last and win. The module is loaded
+# from its file: the `harness` package imports jax, flax and matplotlib.
+_XLA_FLAGS_FILE = (pathlib.Path(__file__).resolve().parent.parent
+                   / "examples" / "harness" / "xla_flags.py")
+_spec = importlib.util.spec_from_file_location("eva_optax_xla_flags", _XLA_FLAGS_FILE)
+xla_flags = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(xla_flags)
+FAST_COMPILE_FLAGS = " ".join(xla_flags.fast_compile_flags())
+os.environ["XLA_FLAGS"] = xla_flags.with_fast_compile(os.environ.get("XLA_FLAGS", ""))
 
 import dataclasses  # pylint: disable=g-import-not-at-top,wrong-import-position
 from typing import Any, Callable
@@ -34,12 +42,14 @@ import pytest
 # The NumPy oracles and the optimizers' references live in their own modules;
 # tests import them from here.
 from oracles import (  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
-    assert_like_params, assert_trees_close, eva_closed_form, eva_dense_solve,
-    eva_f_dense_solve, im2col, layer_view, rel_err, same_padding, to64, with_one)
+    EPS32, assert_float32_twins, assert_like_params, assert_propagated, assert_trees_close,
+    eva_closed_form, eva_dense_solve, eva_f_dense_solve, float32_tol, im2col,
+    inverse_root_apply_bound, layer_view, propagated_bound, propagated_tol, rel_err,
+    relative_condition, same_padding, spectral_apply_bound, to64, with_one)
 from optimizer_refs import (  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
     LAYERWISE, OPTIMIZERS, SMALL_DAMPING, cosine, eva_s_reference,
     layer_matrix, layerwise_reference, matrix_to_node, numpy_init,
-    preconditioner, reference_update, shampoo_reference)
+    preconditioner, reference_tol, reference_update, shampoo_reference)
 
 # ----------------------------------------------------------------------------
 # The captured layer types, with an independent description of their rows.
@@ -120,6 +130,17 @@ class SingleLayerProblem:
     """Mean over all rows of dL/dy."""
     return self.dy.reshape(-1, self.dy.shape[-1]).mean(axis=0)
 
+  def dy_ops(self) -> np.ndarray:
+    """Per entry of ``dy``, the roundings of the library's float32 ``dL/dy``.
+
+    ``y`` is a dot product of d_in + 1 terms (d_in + 1 roundings on
+    ``|x||W| + |b|``), then ``(y - t) / B`` (two more): relative to ``|dy|``,
+    ``(d_in + 1) (|x||W| + |b|) / |y - t| + 2``.
+    """
+    rows = with_one(self.rows)
+    y_abs = np.abs(rows) @ np.abs(layer_view(self.params))
+    return rows.shape[-1] * y_abs / np.abs(self.dy * self.x.shape[0]) + 2
+
 
 def single_layer_problem(case: LayerCase, seed: int = 0, x_mean: float = 1.0,
                          target_shift: float = -2.0) -> SingleLayerProblem:
@@ -133,9 +154,10 @@ def single_layer_problem(case: LayerCase, seed: int = 0, x_mean: float = 1.0,
   rows = case.rows(x)
   w_hat = layer_view(params)
   y_rows = with_one(rows) @ w_hat              # (examples, positions, d_out)
-  y_ref = y_rows.reshape(y.shape)
-  np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-4,
-                             err_msg=f"the test's own im2col/layer view is wrong for {case.name}")
+  # The layer's float32 output: dot products of d_in + 1 terms (+1 rounding).
+  assert_propagated(y.reshape(y_rows.shape), lambda w: with_one(rows) @ w,
+                    (w_hat, rows.shape[-1] + 2),
+                    err_msg=f"the test's own im2col/layer view is wrong for {case.name}")
   t_rows = to64(target).reshape(y_rows.shape)
   dy = (y_rows - t_rows) / x.shape[0]
   return SingleLayerProblem(model=model, params=params, x=x, target=target,

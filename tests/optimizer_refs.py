@@ -13,16 +13,24 @@ import numpy as np
 
 from oracles import eva_dense_solve
 from oracles import eva_f_dense_solve
+from oracles import float32_tol
+from oracles import inverse_root_apply_bound
+from oracles import propagated_bound
+from oracles import spectral_apply_bound
 from oracles import to64
 
 # ----------------------------------------------------------------------------
 # The six optimizers as bare preconditioners (no KL scaling, momentum or lr),
-# at dampings small enough that a wrong statistic changes the update.
+# at dampings small enough that a wrong statistic changes the update. Shampoo's
+# relative ridge 1e-4 (its default is 1e-6): one gradient gives rank-deficient
+# statistics, and the ridge bounds its roots' condition number by ~1 / (4 eps),
+# so its float32 bound (reference_tol) stays far below what a 1% error in the
+# gradient does, as in tests/test_shampoo.py.
 
 LAYERWISE = ("eva", "eva_f", "kfac", "foof")
 OPTIMIZERS = LAYERWISE + ("eva_s", "shampoo")
 SMALL_DAMPING = {"eva": 1e-6, "eva_f": 1e-4, "kfac": 1e-3, "foof": 1e-2,
-                 "eva_s": 1e-9, "shampoo": 1e-6}
+                 "eva_s": 1e-9, "shampoo": 1e-4}
 
 
 def preconditioner(name: str, damping: float | None = None, *,
@@ -171,15 +179,122 @@ def reference_update(name: str, node: Any, st: Any, damping: float | None = None
   """One step of :func:`preconditioner` ``(name)`` on one layer node, in NumPy.
 
   ``node`` is the layer's gradient ``{kernel|embedding, bias?}``; ``st`` its
-  statistics (unused by Eva-s and Shampoo). The kernel's leading axes (all but
+  statistics (an object or a dict with ``a``, ``g``, ``A``, ``G``; unused by
+  Eva-s and Shampoo). The kernel's leading axes (all but
   the last) are its input side, as for Dense, DenseGeneral, Conv and Embed.
   """
   damping = SMALL_DAMPING[name] if damping is None else damping
   if name in ("eva_s", "shampoo"):
     fn = eva_s_reference if name == "eva_s" else shampoo_reference
     return {k: fn(v, damping) for k, v in node.items()}
-  d_in = len(np.asarray(st["a"])) - int("bias" in node)
-  st = {k: to64(getattr(st, k)) for k in ("a", "g", "A", "G")
-        if getattr(st, k, None) is not None}
+  get = (lambda k: st.get(k)) if isinstance(st, dict) else (lambda k: getattr(st, k, None))
+  st = {k: to64(get(k)) for k in ("a", "g", "A", "G") if get(k) is not None}
+  d_in = len(st["a"] if "a" in st else st["A"]) - int("bias" in node)
   u = layerwise_reference(name, layer_matrix(node, d_in), st, damping)
   return matrix_to_node(u, node)
+
+
+# ----------------------------------------------------------------------------
+# The float32 bound of the library's step against those references.
+
+
+def _layerwise_bound(name: str, gm: np.ndarray, st: dict[str, np.ndarray], damping: float,
+                     input_ops: Any) -> np.ndarray:
+  """Entrywise bound on ``layerwise_reference(name, gm, st, damping)``'s float32 error.
+
+  Componentwise (:func:`~oracles.propagated_bound`): every input carries
+  ``input_ops`` roundings (where the library's inputs are its own float32 ones
+  and the reference's another program's; a number, or a dict by "gm", "a",
+  "g", "A", "G" of numbers or arrays like the input) plus the method's own: Eva's and
+  Eva-f's closed forms ``d_a + d_out + 4`` on every input, K-FAC's and FOOF's
+  products with the inverses ``n_A + n_G`` (FOOF: ``2 n + 2``) on G_hat, the
+  traces of K-FAC's pi ``n`` on each factor, a float32 damping one. Then the
+  factorizations' normwise backward errors (:func:`~oracles.spectral_apply_bound`):
+  Cholesky of each damped K-FAC factor ``3 n + 1``, FOOF's eigh ``n + 1``; a
+  diagonal factor (an embedding's) is divided entry by entry, componentwise.
+  """
+  keys = [k for k in ("a", "g", "A", "G") if k in st]
+  fn = lambda gm, d, *vals: layerwise_reference(name, gm, dict(zip(keys, vals)), float(d))
+  d_a, d_out = gm.shape
+  own = {"eva": dict.fromkeys(["gm", "a", "g", "d"], d_a + d_out + 4),
+         "eva_f": dict.fromkeys(["gm", "a", "d"], d_a + d_out + 4),
+         "kfac": {"gm": d_a + d_out, "A": d_a, "G": d_out, "d": 1},
+         "foof": {"gm": 2 * d_a + 2, "d": 1}}[name]
+  extra = input_ops if isinstance(input_ops, dict) else dict.fromkeys(
+      ["gm"] + keys, input_ops)
+  pairs = [(gm, extra.get("gm", 0.0) + own.get("gm", 0)), (np.float64(damping), own["d"])]
+  pairs += [(st[k], extra.get(k, 0.0) + own.get(k, 0)) for k in keys]
+  bound = propagated_bound(fn, *pairs)
+  a_f = st.get("A")
+  if name == "kfac" and a_f.ndim == 2:
+    g_f = st["G"]
+    pi = np.sqrt((np.trace(a_f) / len(a_f)) / (np.trace(g_f) / len(g_f)))
+    a_d = a_f + np.sqrt(damping) * pi * np.eye(len(a_f))
+    g_d = g_f + np.sqrt(damping) / pi * np.eye(len(g_f))
+    a_inv, g_inv = np.linalg.inv(a_d), np.linalg.inv(g_d)
+    spectral = (inverse_root_apply_bound(a_d, 1, 0.0, gm @ g_inv, 3 * d_a + 1)
+                + inverse_root_apply_bound(g_d, 1, 0.0, (a_inv @ gm).T, 3 * d_out + 1))
+  elif name == "foof" and a_f.ndim == 2:
+    f = lambda lam: 1.0 / (lam + damping)
+    spectral = spectral_apply_bound(a_f, f, lambda lam: -f(lam) ** 2, gm, d_a + 1)
+  else:
+    spectral = 0.0
+  # The normwise part, spread over the entries in proportion to |reference|.
+  ref = np.abs(fn(gm, damping, *(st[k] for k in keys)))
+  return bound + spectral * ref / np.linalg.norm(ref)
+
+
+def _per_tensor_bound(name: str, t: np.ndarray, damping: float, input_ops: float) -> np.ndarray:
+  """Entrywise bound on :func:`eva_s_reference` / :func:`shampoo_reference`'s float32 error.
+
+  Eva-s: its axis means, closed form and graft (``2 t.size + 4`` roundings on
+  t, as tests/test_eva_s.py). Shampoo: its statistics' and eigh's normwise
+  backward errors on each root applied to the rest of the product
+  (:func:`~oracles.inverse_root_apply_bound`, ops as tests/test_shampoo.py),
+  the products and the graft componentwise on t.
+  """
+  fn = eva_s_reference if name == "eva_s" else shampoo_reference
+  if t.ndim < 2:   # the gradient, grafted to its own norm: two norms of t.size terms
+    return propagated_bound(lambda t: t * np.linalg.norm(t) / np.linalg.norm(t),
+                            (t, input_ops + 2 * t.size + 4))
+  if name == "eva_s":
+    return propagated_bound(lambda t: fn(t, damping), (t, input_ops + 2 * t.size + 4))
+  g = t.reshape(-1, t.shape[-1])
+  m, n = g.shape
+  bound = propagated_bound(lambda t: fn(t, damping), (t, input_ops + m + n + t.size + 2))
+  left, right = g @ g.T, g.T @ g
+  lam = lambda s: max(np.linalg.eigvalsh(s).max(), float(np.finfo(np.float32).tiny))
+  inv_root = lambda s: _inv_root(s + damping * lam(s) * np.eye(len(s)), 4)
+  l_root, r_root = inv_root(left), inv_root(right)
+  p = l_root @ g @ r_root
+  spectral = 0.0
+  for stat, other, y in ((left, n, g @ r_root), (right, m, (l_root @ g).T)):
+    size = len(stat)
+    ops = size + (other + 1 + size + 1) * np.trace(stat) / lam(stat)
+    spectral += inverse_root_apply_bound(stat, 4, damping, y, ops)
+  ref = np.abs(fn(t, damping))
+  # Relative to P before the graft, which only rescales.
+  return bound + spectral / np.linalg.norm(p) * np.linalg.norm(t) * ref / np.linalg.norm(ref)
+
+
+def reference_tol(name: str, node: Any, st: Any, damping: float | None = None,
+                  input_ops: Any = 0.0) -> dict[str, float]:
+  """Per leaf of :func:`reference_update`, the relative float32 bound of the library's step.
+
+  ``input_ops``: roundings by which the library's gradient and statistics may
+  differ from the ones given here (0 when the test passes the library's own;
+  per input as in :func:`_layerwise_bound`).
+  """
+  damping = SMALL_DAMPING[name] if damping is None else damping
+  if name in ("eva_s", "shampoo"):
+    ref = reference_update(name, node, st, damping)
+    return {k: float(np.linalg.norm(_per_tensor_bound(name, to64(v), damping, input_ops))
+                     / np.linalg.norm(ref[k])) for k, v in node.items()}
+  get = (lambda k: st.get(k)) if isinstance(st, dict) else (lambda k: getattr(st, k, None))
+  st64 = {k: to64(get(k)) for k in ("a", "g", "A", "G") if get(k) is not None}
+  d_in = len(st64["a"] if "a" in st64 else st64["A"]) - int("bias" in node)
+  gm = layer_matrix(node, d_in)
+  ref = matrix_to_node(layerwise_reference(name, gm, st64, damping), node)
+  bound = matrix_to_node(_layerwise_bound(name, gm, st64, damping, input_ops), node)
+  return {k: float(np.linalg.norm(bound[k]) / np.linalg.norm(ref[k])) for k in ref}
+

@@ -18,6 +18,7 @@ from optax._src import test_utils
 import eva_optax
 from adaptive_problems import linear_problem
 from adaptive_problems import tiny_problem
+from conftest import float32_tol
 
 # ----------------------------------------------------------------------------
 # The optax contract: jit without recompilation, chain, inject_hyperparams,
@@ -77,7 +78,10 @@ def test_inside_optax_chain_and_direction_chain():
     for _ in range(4):
       p, s, _ = step(p, s, x)
     outs.append(p)
-  test_utils.assert_trees_all_close(outs[0], outs[1], rtol=1e-4, atol=1e-6)
+  # The clip does not act (g * 1) and -2 is a power of two: every float32
+  # operation of the step commutes with it (the coefficients absorb it
+  # exactly), so the runs agree bit for bit.
+  test_utils.assert_trees_all_equal(outs[0], outs[1])
 
 
 def test_under_inject_hyperparams():
@@ -93,7 +97,7 @@ def test_under_inject_hyperparams():
   state.hyperparams["max_damping"] = jnp.asarray(3.0, jnp.float32)
   params, state, loss = step(params, state, x)
   assert np.isfinite(float(loss))
-  assert float(state.inner_state.damping) == pytest.approx(3.0)
+  assert float(state.inner_state.damping) == 3.0   # clipped to [3, 3]: exactly
 
 
 def _injected_scale():
@@ -117,9 +121,11 @@ def test_direction_damping_follows_lambda():
       u, s = update(g, s, p, loss)
       p = optax.apply_updates(p, u)
     lam = float(s.damping)
-    assert lam == pytest.approx(1e-2 * (0.95 ** 1) ** 3, rel=1e-5)   # rho = 1
+    # rho = 1: three products by omega (float32 constants: half a rounding each).
+    assert lam == pytest.approx(1e-2 * (0.95 ** 1) ** 3, rel=float32_tol(1.0, 5))   # rho = 1
     gamma = float(s.inner_state.hyperparams["damping"])
-    assert gamma == pytest.approx(0.03 * (lam / 1e-2) ** exponent, rel=1e-5)
+    # gamma0 (lam / lam0)^e: a division, a power and a product of float32 numbers.
+    assert gamma == pytest.approx(0.03 * (lam / 1e-2) ** exponent, rel=float32_tol(1.0, 5))
   with pytest.raises(ValueError, match="inject_hyperparams"):
     eva_optax.adaptive(optax.scale(2.0), "mse", couple_damping=1.0).init(params0)
   eva_optax.adaptive(optax.scale(2.0), "mse").init(params0)   # "auto": none
@@ -143,8 +149,9 @@ def test_preconditioner_as_direction():
   assert float(loss_fn(params, x)) < 0.3 * first
   assert int(state.nonfinite_count) == 0 and int(state.rejected_count) == 0
   gamma = float(state.inner_state.hyperparams["damping"])
+  # gamma0 sqrt(lam / lam0): a division, a root and a product of float32 numbers.
   assert gamma == pytest.approx(0.03 * np.sqrt(float(state.damping) / 1e-3),
-                                rel=1e-4)
+                                rel=float32_tol(1.0, 5))
 
 
 def test_errors_name_the_argument():
@@ -173,10 +180,8 @@ def test_errors_name_the_argument():
 
 
 # XLA flags that cut the compile time of the smoke test ~2x (it checks the
-# script's plumbing, not its speed).
-FAST_COMPILE = ("--xla_backend_optimization_level=0 "
-                "--xla_cpu_use_fusion_emitters=false "
-                "--xla_cpu_parallel_codegen_split_count=1")
+# script's plumbing, not its speed); those the installed jaxlib accepts.
+from conftest import FAST_COMPILE_FLAGS as FAST_COMPILE  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def test_time_to_quality_quick(tmp_path):

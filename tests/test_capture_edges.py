@@ -14,13 +14,13 @@ from conftest import MLP
 from conftest import ConvNet
 from conftest import mse_loss
 from conftest import regression_batch
+from conftest import assert_propagated
 from conftest import to64
 
 
-def _close(x, ref, rtol=1e-5, atol_frac=1e-6, msg=""):
-  ref = to64(ref)
-  np.testing.assert_allclose(to64(x), ref, rtol=rtol,
-                             atol=atol_frac * max(np.abs(ref).max(), 1e-30), err_msg=msg)
+def _mean_a(x):
+  """``a`` of a Dense layer on ``x``: a mean of len(x) rows (len(x) + 1 roundings)."""
+  return np.append(x.mean(axis=0), 1.0)
 
 
 def test_remat_dense_is_captured():
@@ -40,8 +40,11 @@ def test_remat_dense_is_captured():
   _, grads, stats = eva_optax.value_and_grad(loss_fn)(params)
   assert set(stats) == {name} and stats[name].captured
   y = model.apply({"params": params}, x)
-  _close(stats[name].a, np.append(to64(x).mean(axis=0), 1.0))
-  _close(stats[name].g, (to64(y) - 2.0).mean(axis=0) / 4)
+  assert_propagated(stats[name].a, _mean_a, (x, len(x) + 1))
+  # dy = (y - 2) / 4 from the library's own float32 y (this y: 6 + 1 roundings
+  # of the dot products each side), then the mean of 4 rows.
+  assert_propagated(stats[name].g, lambda y: (y - 2.0).mean(axis=0) / 4,
+                    (y, 2 * 7 + 4 + 2))
 
 
 class _GroupedNet(nn.Module):
@@ -93,7 +96,8 @@ def test_bf16_params_give_float32_stats():
       value = getattr(stats[name], key)
       assert value.dtype == jnp.float32, (name, key)
       assert np.all(np.isfinite(value))
-  _close(stats["Dense_0"].a, np.append(to64(x).mean(axis=0), 1.0), rtol=1e-6)
+  # a mean of the (bfloat16, exactly representable) rows, in float32.
+  assert_propagated(stats["Dense_0"].a, _mean_a, (x, len(x) + 1))
 
 
 def test_variables_dict_nests_stats_under_params(mlp_problem):
@@ -106,7 +110,7 @@ def test_variables_dict_nests_stats_under_params(mlp_problem):
   _, grads, stats = eva_optax.value_and_grad(loss_fn)(variables, x, y)
   assert set(stats) == {"params"}
   assert set(stats["params"]) == {"Dense_0", "Dense_1", "Dense_2"}
-  _close(stats["params"]["Dense_0"].a, np.append(to64(x).mean(axis=0), 1.0))
+  assert_propagated(stats["params"]["Dense_0"].a, _mean_a, (x, len(x) + 1))
   # And the optimizer pairs them with the nested gradients.
   tx = eva_optax.scale_by_eva()
   updates, _ = tx.update(grads, tx.init(variables), variables, stats=stats)

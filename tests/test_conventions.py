@@ -23,6 +23,7 @@ import pytest
 
 import eva_optax
 from conftest import MLP
+from conftest import float32_tol
 from conftest import regression_batch
 
 ALIASES = ("eva", "eva_f", "kfac", "foof", "eva_s", "shampoo")
@@ -156,11 +157,27 @@ def _steps(tx, grads, params):
   return outs, state
 
 
-def _assert_trees_close(a, b, rtol=1e-6):
+def _assert_trees_close(a, b, magnitude, ops, dtype=jnp.float32):
+  """Two evaluations of the same elementwise chain (decay, trace, scale): each
+  entry within ``ops`` roundings of ``dtype`` of the exact one, relative to
+  ``magnitude`` (the same chain on absolute values), so the two differ by at
+  most twice that (:func:`~oracles.assert_float32_twins`)."""
   chex.assert_trees_all_equal_structs(a, b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x, np.float32), np.asarray(y, np.float32),
-                               rtol=rtol, atol=1e-7)
+  eps = float(jnp.finfo(dtype).eps)
+  for x, y, m in zip(jax.tree.leaves(a), jax.tree.leaves(b), jax.tree.leaves(magnitude)):
+    err = np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))
+    assert np.all(err <= 2 * ops * eps * np.asarray(m, np.float64)), np.max(err)
+
+
+def _abs(tree):
+  return jax.tree.map(jnp.abs, tree)
+
+
+def _magnitude(tx, grads, params):
+  """``tx``'s outputs on absolute gradients and parameters, absolute: the
+  magnitude of the terms of each entry (the chains combine them linearly)."""
+  outs, _ = _steps(tx, [_abs(g) for g in grads], _abs(params))
+  return [_abs(u) for u in outs]
 
 
 _MASKS = {
@@ -178,10 +195,11 @@ def test_weight_decay_mask_matches_optax(mask):
   got, _ = _steps(_chain(momentum=0.5, weight_decay=0.1,
                          weight_decay_mask=_MASKS[mask]), grads, params)
   optax_mask = _MASKS["pytree" if mask == "array leaves" else mask]
-  want, _ = _steps(optax.chain(optax.add_decayed_weights(0.1, optax_mask),
-                               optax.trace(0.5), optax.scale(-0.1)),
-                   grads, params)
-  _assert_trees_close(got, want)
+  reference = optax.chain(optax.add_decayed_weights(0.1, optax_mask),
+                          optax.trace(0.5), optax.scale(-0.1))
+  want, _ = _steps(reference, grads, params)
+  # Per step: decay (2 roundings), trace (2), scale (1).
+  _assert_trees_close(got, want, _magnitude(reference, grads, params), 5 * len(grads))
   # The mask decides: a leaf it leaves out is not decayed at all.
   plain, _ = _steps(_chain(momentum=0.5), grads, params)
   np.testing.assert_array_equal(got[1]["norm"]["scale"], plain[1]["norm"]["scale"])
@@ -199,7 +217,8 @@ def test_zero_weight_decay_needs_no_params():
   grads = _tree(1)
   tx = _chain(weight_decay=0.0)
   u, _ = tx.update(grads, tx.init(grads))        # no params: as today
-  _assert_trees_close(u, jax.tree.map(lambda g: -0.1 * g, grads))
+  _assert_trees_close(u, jax.tree.map(lambda g: -0.1 * g, grads),   # one product each
+                      jax.tree.map(lambda g: 0.1 * jnp.abs(g), grads), 1)
   tx = _chain(weight_decay=jnp.asarray(0.0))     # an array needs params
   with pytest.raises(ValueError, match="params"):
     tx.update(grads, tx.init(grads))
@@ -211,17 +230,21 @@ def test_weight_decay_schedule():
   got, _ = _steps(_chain(momentum=None, weight_decay=schedule), grads, params)
   for step, (u, g) in enumerate(zip(got, grads)):
     want = jax.tree.map(lambda g, p: -0.1 * (g + schedule(step) * p), g, params)
-    _assert_trees_close(u, want)
+    # g + s p and the product: 3 roundings each, + the schedule's value.
+    magnitude = jax.tree.map(lambda g, p: 0.1 * (jnp.abs(g) + schedule(step) * jnp.abs(p)),
+                             g, params)
+    _assert_trees_close(u, want, magnitude, 4)
 
 
 def test_momentum_none_is_optax_sgd():
   params, grads = _tree(0), [_tree(1), _tree(2)]
   got, state = _steps(_chain(momentum=None), grads, params)
   want, _ = _steps(optax.sgd(0.1, momentum=None), grads, params)
-  _assert_trees_close(got, want)
+  magnitude = [jax.tree.map(lambda g: 0.1 * jnp.abs(g), g) for g in grads]
+  _assert_trees_close(got, want, magnitude, 1)         # one product each
   assert not any(isinstance(s, optax.TraceState) for s in state)
   zero, state0 = _steps(_chain(momentum=0.0), grads, params)
-  _assert_trees_close(zero, got)                      # 0: same updates ...
+  _assert_trees_close(zero, got, magnitude, 1)         # 0: same updates (0 m + g is exact) ...
   assert any(isinstance(s, optax.TraceState) for s in state0)  # ... a buffer
 
 
@@ -229,8 +252,10 @@ def test_momentum_none_is_optax_sgd():
 def test_momentum_matches_optax_sgd(nesterov):
   params, grads = _tree(0), [_tree(1), _tree(2), _tree(3)]
   got, _ = _steps(_chain(momentum=0.9, nesterov=nesterov), grads, params)
-  want, _ = _steps(optax.sgd(0.1, momentum=0.9, nesterov=nesterov), grads, params)
-  _assert_trees_close(got, want)
+  reference = optax.sgd(0.1, momentum=0.9, nesterov=nesterov)
+  want, _ = _steps(reference, grads, params)
+  # Per step: the trace (2 roundings; Nesterov 2 more) and the scale (1).
+  _assert_trees_close(got, want, _magnitude(reference, grads, params), 5 * len(grads))
 
 
 @pytest.mark.parametrize("param_dtype,mu_dtype", [
@@ -244,9 +269,12 @@ def test_mu_dtype(param_dtype, mu_dtype):
   want = param_dtype if mu_dtype is None else jnp.dtype(mu_dtype)
   assert all(x.dtype == want for x in jax.tree.leaves(buffer))
   assert all(u.dtype == param_dtype for u in jax.tree.leaves(got[-1]))
-  ref, _ = _steps(optax.sgd(0.1, momentum=0.9, accumulator_dtype=mu_dtype),
-                  grads, params)
-  _assert_trees_close(got, ref, rtol=1e-2)
+  reference = optax.sgd(0.1, momentum=0.9, accumulator_dtype=mu_dtype)
+  ref, _ = _steps(reference, grads, params)
+  # The buffer is rounded to bfloat16 (or the parameters are bfloat16): per
+  # step the trace, its storage and the scale, in bfloat16's epsilon.
+  magnitude = _magnitude(optax.sgd(0.1, momentum=0.9), grads, params)
+  _assert_trees_close(got, ref, magnitude, 4 * len(grads), dtype=jnp.bfloat16)
 
 
 # ----------------------------------------------------------------------------
@@ -275,11 +303,16 @@ def test_alias_forwards_mask_momentum_and_mu_dtype(name):
   decayed, state = first_update(factory(0.1, None, 0.5,
                                         weight_decay_mask=no_bias))
   assert not any(isinstance(s, optax.TraceState) for s in state)
-  np.testing.assert_allclose(
-      decayed["Dense_0"]["w"] - plain["Dense_0"]["w"],
-      -0.1 * 0.5 * params["Dense_0"]["w"], rtol=1e-4, atol=1e-6)
+  # decayed = -0.1 (P + 0.5 w), plain = -0.1 P: two and three roundings of
+  # their own, relative to 0.1 |P| + 0.05 |w|.
+  w = np.asarray(params["Dense_0"]["w"], np.float64)
+  size = np.abs(np.asarray(plain["Dense_0"]["w"], np.float64)) + 0.05 * np.abs(w)
+  err = np.abs(np.asarray(decayed["Dense_0"]["w"], np.float64)
+               - np.asarray(plain["Dense_0"]["w"], np.float64) - (-0.1 * 0.5 * w))
+  assert np.all(err <= float32_tol(1.0, 5) * size)
   np.testing.assert_array_equal(decayed["Dense_0"]["b"], plain["Dense_0"]["b"])
   with_momentum, state = first_update(factory(0.1, 0.9, 0.0, mu_dtype="bfloat16"))
   buffer = next(s for s in state if isinstance(s, optax.TraceState)).trace
   assert all(b.dtype == jnp.bfloat16 for b in jax.tree.leaves(buffer))
-  _assert_trees_close(with_momentum, plain)   # first step: the buffer was zero
+  # First step: the buffer was zero (0.9 * 0 + u is exact): the same product.
+  _assert_trees_close(with_momentum, plain, _abs(plain), 1)

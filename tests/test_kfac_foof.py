@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,11 @@ import pytest
 
 import eva_optax
 from eva_optax._src.vocabulary.statistics import LayerStatistics
+from conftest import float32_tol
+from conftest import inverse_root_apply_bound
+from conftest import propagated_tol
+from conftest import rel_err
+from conftest import spectral_apply_bound
 
 
 class _ConvNet(nn.Module):
@@ -51,7 +58,58 @@ def _foof_reference(gm, a_fac, gamma, top_k=None):
 
 
 def _rel(got, ref):
-  return np.abs(got - ref).max() / np.abs(ref).max()
+  return rel_err(got, ref)
+
+
+def _product_bound(*factors):
+  """Float32 bound of a chain of matrix products, relative to the result: the
+  inner dimensions' roundings on | factor_1 | ... | factor_k |."""
+  ops = sum(f.shape[0] for f in factors[1:])
+  absolute = functools.reduce(np.matmul, [np.abs(f) for f in factors])
+  return float32_tol(1.0, ops) * np.linalg.norm(absolute)
+
+
+def _kfac_tol(gm, a_fac, g_fac, gamma):
+  """The float32 bound of scale_by_kfac's ``(A + dA I)^{-1} G_hat (G + dG I)^{-1}``.
+
+  Each damped factor is inverted by Cholesky (factor and two triangular
+  solves: 3 n roundings, normwise on the damped factor, + 1 for adding the
+  damping and n_A + n_G + 6 for pi's traces, roots and products, relative to
+  the damping <= lambda_max): :func:`~oracles.inverse_root_apply_bound` (p = 1)
+  of each inverse on the rest of the product; then the two products.
+  """
+  n_a, n_g = len(a_fac), len(g_fac)
+  pi = np.sqrt((np.trace(a_fac) / n_a) / (np.trace(g_fac) / n_g))
+  a_d = a_fac + np.sqrt(gamma) * pi * np.eye(n_a)
+  g_d = g_fac + np.sqrt(gamma) / pi * np.eye(n_g)
+  a_inv, g_inv = np.linalg.inv(a_d), np.linalg.inv(g_d)
+  u = a_inv @ gm @ g_inv
+  ops = lambda n: 3 * n + 1 + n_a + n_g + 6
+  bound = (inverse_root_apply_bound(a_d, 1, 0.0, gm @ g_inv, ops(n_a))
+           + inverse_root_apply_bound(g_d, 1, 0.0, (a_inv @ gm).T, ops(n_g))
+           + _product_bound(a_inv, gm, g_inv))
+  return bound / np.linalg.norm(u)
+
+
+def _foof_tol(gm, a_fac, gamma, top_k=None):
+  """The float32 bound of scale_by_foof's ``Q f(D) Q^T G_hat`` (float32 eigh).
+
+  eigh is exact for A + E, ``||E|| <= n eps32 lambda_max`` (+ 1 for the floor
+  and the exact power-of-2 scaling): :func:`~oracles.spectral_apply_bound` of
+  f = 1 / (lambda + gamma), or, with top_k, that on the k largest eigenvalues
+  and 1 / gamma on the rest (then also 1 / gap between the k-th and the next);
+  then Q^T G_hat, the scaling (2 roundings) and Q (.).
+  """
+  n = len(a_fac)
+  lam, q = np.linalg.eigh(a_fac)
+  top = np.arange(n) >= n - (top_k or n)
+  f = lambda x: np.where(top, 1.0 / (x + gamma), 1.0 / gamma)
+  df = lambda x: np.where(top, -1.0 / (x + gamma) ** 2, 0.0)
+  u = _foof_reference(gm, a_fac, gamma, top_k)
+  bound = (spectral_apply_bound(a_fac, f, df, gm, n + 1)
+           + _product_bound(q, np.diag(f(lam)), q.T, gm)
+           + float32_tol(1.0, 2) * np.linalg.norm(np.abs(q) @ np.abs(np.diag(f(lam)) @ q.T @ gm)))
+  return bound / np.linalg.norm(u)
 
 
 @pytest.mark.parametrize("gamma", [0.03, 1e-3])
@@ -61,9 +119,11 @@ def test_kfac_matches_dense_kronecker_solve(gamma, layer):
   _, grads, stats = eva_optax.value_and_grad(loss, statistics="factors")(params, x)
   tx = eva_optax.scale_by_kfac(gamma)
   updates, _ = tx.update(grads, tx.init(params), params, stats=stats)
-  ref = _kfac_reference(_gmat(grads, layer), np.asarray(stats[layer].A, np.float64),
-                        np.asarray(stats[layer].G, np.float64), gamma)
-  assert _rel(_gmat(updates, layer), ref) < 1e-4
+  gm = _gmat(grads, layer)
+  a_fac = np.asarray(stats[layer].A, np.float64)
+  g_fac = np.asarray(stats[layer].G, np.float64)
+  ref = _kfac_reference(gm, a_fac, g_fac, gamma)
+  assert _rel(_gmat(updates, layer), ref) < _kfac_tol(gm, a_fac, g_fac, gamma)
 
 
 @pytest.mark.parametrize("top_k", [None, 3])
@@ -74,9 +134,9 @@ def test_foof_matches_dense_solve(top_k, layer):
   _, grads, stats = eva_optax.value_and_grad(loss, statistics="factors")(params, x)
   tx = eva_optax.scale_by_foof(gamma, top_k=top_k)
   updates, _ = tx.update(grads, tx.init(params), params, stats=stats)
-  ref = _foof_reference(_gmat(grads, layer), np.asarray(stats[layer].A, np.float64),
-                        gamma, top_k)
-  assert _rel(_gmat(updates, layer), ref) < 1e-4
+  gm, a_fac = _gmat(grads, layer), np.asarray(stats[layer].A, np.float64)
+  ref = _foof_reference(gm, a_fac, gamma, top_k)
+  assert _rel(_gmat(updates, layer), ref) < _foof_tol(gm, a_fac, gamma, top_k)
 
 
 def test_kfac_damping_does_not_leak_into_factors():
@@ -110,11 +170,18 @@ def test_refresh_happens_exactly_every_k_steps(name):
     if step % k != 0:  # between refreshes the update uses the stored (stale) inverses
       gm = _gmat(grads, "Dense_0")
       ls = {kk: np.asarray(v, np.float64) for kk, v in state.layers["Dense_0"].items()}
+      # The stored inverses are exact inputs: only the products round.
       if name == "kfac":
-        ref = ls["A_inv"] @ gm @ ls["G_inv"]
+        factors = (ls["A_inv"], gm, ls["G_inv"])
+        extra = 0.0
       else:
-        ref = ls["Q"] @ np.diag(1 / (ls["d"] + gamma)) @ ls["Q"].T @ gm
-      assert _rel(_gmat(updates, "Dense_0"), ref) < 1e-4
+        scale = np.diag(1 / (ls["d"] + gamma))   # + two roundings
+        factors = (ls["Q"], scale, ls["Q"].T, gm)
+        extra = float32_tol(1.0, 2) * np.linalg.norm(
+            np.abs(ls["Q"]) @ np.abs(scale @ ls["Q"].T @ gm))
+      ref = functools.reduce(np.matmul, factors)
+      tol = (_product_bound(*factors) + extra) / np.linalg.norm(ref)
+      assert _rel(_gmat(updates, "Dense_0"), ref) < tol
     previous = stored
 
 
@@ -160,7 +227,15 @@ def test_eva_f_equals_foof_with_rank_one_factor():
   u1, _ = eva_f.update(grads, eva_f.init(params), params, stats=stats)
   u2, _ = foof.update(grads, foof.init(params), params, stats=rank_one)
   for layer in params:
-    assert _rel(_gmat(u2, layer), _gmat(u1, layer)) < 1e-4
+    # Both approximate (a a^T + gamma I)^{-1} G_hat: Eva-f's closed form (as in
+    # test_eva.py: d_a + d_out + 4 roundings on its inputs) and FOOF's eigh of
+    # a a^T (one more rounding, the outer product).
+    gm, a = _gmat(grads, layer), np.asarray(stats[layer].a, np.float64)
+    closed = lambda gm, a, d: np.linalg.solve(np.outer(a, a) + d * np.eye(len(a)), gm)
+    ops = gm.shape[0] + gm.shape[1] + 4
+    tol = (propagated_tol(closed, (gm, ops), (a, ops), (np.float64(0.03), ops + 1))
+           + _foof_tol(gm, np.outer(a, a), 0.03))
+    assert _rel(_gmat(u2, layer), _gmat(u1, layer)) < tol
 
 
 def test_factor_optimizers_reject_vector_statistics():

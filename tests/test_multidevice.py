@@ -10,12 +10,13 @@ Tolerances (all relative to the parameter change of the 5-step reference,
 ``|p - p_ref| / |p_ref - p0|``):
 
 * float32, batch sharded (parameters replicated or FSDP-sharded): at most
-  ``min(1e-5, max(2e-6, 10 * floor))``, where ``floor`` is the same method's error
+  ``min(1e-5, max(2 x 8 eps32, 10 * floor))``, where ``floor`` is the same method's error
   when the 1-device program runs on batches with permuted rows (pure float32
   re-association, measured 4e-7 to 3.5e-6 here). A data-parallel bug that changes
   the statistics by 8x changes the result by 1e-2 to 1 (checked too).
-* statistics of step 1: ``|s - s_ref| / |s_ref| <= 1e-6`` per layer and field
-  (float32 sums of 64 rows in another order: measured <= 1.6e-7).
+* statistics of step 1: ``|s - s_ref| / |s_ref| <= STATS_TOL`` per layer and
+  field: float32 sums of the batch's rows in another order, derived in
+  multidevice_util (``SHARDED_STATS_TOL``, 2.5e-4).
 * bf16: the 8-device bf16 run may differ from the 1-device bf16 run by no more
   than the 1-device bf16 run differs from float32, and by at most 5e-2.
 
@@ -33,7 +34,9 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import float32_tol
 from multidevice_util import FAST_COMPILE
+from multidevice_util import SHARDED_STATS_TOL
 from multidevice_util import REPO_ROOT
 from multidevice_util import run_script
 from multidevice_util import script_env
@@ -43,12 +46,18 @@ BF16_OPTIMIZERS = ("eva", "kfac")
 WITH_STATS = {"eva": ("a", "g"), "eva_f": ("a", "g"), "kfac": ("a", "g", "A", "G"),
               "foof": ("a", "g", "A", "G")}
 F32_CAP = 1e-5
-STATS_TOL = 1e-6
+STATS_TOL = SHARDED_STATS_TOL
 BF16_CAP = 5e-2
 
 
 def f32_tolerance(floor: float) -> float:
-  return min(F32_CAP, max(2e-6, 10.0 * floor))
+  """The 8-device run re-associates the same float32 sums as the permuted-rows
+  run does (``floor``: this method's own round-off, amplified by its
+  conditioning, measured in the same run on the same CPU): 10 such samples'
+  worth, at least the rounding of the 8-way all-reduce itself on the step
+  (2 x 8 roundings), at most F32_CAP, which keeps the test able to see an 8x
+  wrong statistic (>= 100 F32_CAP, checked)."""
+  return min(F32_CAP, max(2 * float32_tol(1.0, 8), 10.0 * floor))
 
 
 def _check_stats(errors: dict, fields, where: str, failures: list[str]) -> None:

@@ -8,22 +8,24 @@ SPMD program over the same 8-device mesh, so the reductions group the same
 partial sums; only the transport differs (gloo over TCP against in-process).
 The all-reduce inside gloo may add the partial sums in another order, so the
 results agree to float32 round-off, not bit for bit. Tolerances: 1e-5 of the
-parameter change (as tests/test_multidevice.py; measured 5.5e-7 for eva and
-2.7e-7 for kfac, printed under ``pytest -rP``), 1e-6 relative per statistic of
-step 1 and per loss.
+parameter change (the cap of tests/test_multidevice.py, whose 8-device runs
+re-associate far more; printed under ``pytest -rP``), and per statistic of step
+1 and per loss twice the rounding of the last 8-term sum (each side within
+8 + 2 roundings, relative to the terms' magnitude as in multidevice_util).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from conftest import float32_tol
 from multidevice_util import FAST_COMPILE
 from multidevice_util import run_processes
 from multidevice_util import run_script
 
 OPTIMIZERS = ("eva", "kfac")
 TOL = 1e-5         # of the parameter change
-STATS_TOL = 1e-6   # relative, per statistic and loss
+STATS_TOL = 2 * float32_tol(1.0, 8 + 2)   # relative, per statistic and loss
 
 
 def _flat(tree) -> np.ndarray:

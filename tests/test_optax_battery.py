@@ -228,7 +228,10 @@ def test_sgd_grafting_is_sgd_on_vectors(name):
   factory = getattr(eva_optax, name)
   sgd = _trajectory(optax.sgd(1e-2, momentum=0.9), objective, params, 100)
   grafted_sgd = _trajectory(factory(1e-2), objective, params, 100)
-  np.testing.assert_allclose(grafted_sgd[:20], sgd[:20], rtol=1e-5)
+  # A vector is not preconditioned, and grafting it to its own norm multiplies
+  # it by |g| / |g| = 1 exactly: bit for bit SGD (which the unstable steps
+  # would amplify any rounding difference of, so no tolerance).
+  np.testing.assert_array_equal(grafted_sgd[:20], sgd[:20])
   assert np.max(np.abs(grafted_sgd[-1])) > 1e6      # diverged (then skipped)
   adagrad = _trajectory(factory(1e-2, graft="adagrad"), objective, params, 100)
   assert np.all(np.abs(adagrad) < 1.5)

@@ -10,11 +10,14 @@ import pytest
 from eva_optax._src.optimizers import shampoo as shampoo_lib
 
 
-RTOL = 1e-4
+from conftest import float32_tol
+from conftest import inverse_root_apply_bound
+
 # Relative ridge of the roots in the reference comparisons. One or a few
-# observations give ill-conditioned statistics, and float32 eigh leaves errors of
-# ~1e-7 lambda_max on their eigenvalues: with the default 1e-6 ridge that costs
-# up to ~2e-4 relative error on some draws, with 1e-4 under 1e-5.
+# observations give rank-deficient statistics, whose float32 eigenvalues are
+# off by ~eps32 lambda_max: the ridge bounds the roots' condition number by
+# (1 + 1 / EPS) / 4 (see _shampoo_tol); the default 1e-6 would allow 100x more
+# error where a gradient meets the statistics' null space.
 EPS = 1e-4
 TINY32 = float(np.finfo(np.float32).tiny)
 
@@ -76,6 +79,23 @@ def _np_stats(blocks_history, stat_decay):
   return left, right
 
 
+def _stat_bound(stat_grads, stat_decay=None):
+  """Entrywise float32 error bound of a statistic against :func:`_np_stats`.
+
+  Each entry is a (weighted) sum of products: its error is at most
+  ``(k + steps) eps32`` times the same sum of absolute values (k = the dot
+  products' length), plus the stored form's: the trace (n terms), its log and
+  exp (``|log tr|`` roundings of the exponent) and two divisions.
+  """
+  hist = [np.abs(np.asarray(h, np.float64)) for h in stat_grads]
+  out = []
+  for absolute, (m, n) in zip(_np_stats(hist, stat_decay), [(1, 0), (0, 1)]):
+    k, size = hist[0].shape[n], hist[0].shape[m]
+    log_tr = abs(np.log(np.trace(absolute)))
+    out.append(float32_tol(1.0, k + len(hist) + size + log_tr + 2) * absolute)
+  return out
+
+
 def _np_shampoo(grad, stat_grads, block_size, eps, stat_decay=None):
   """Per-block ``L^{-1/4} G R^{-1/4}`` of ``grad`` (viewed 2-D), roots from
   ``stat_grads``, then grafted to ``|grad|_F`` over the whole tensor."""
@@ -93,6 +113,47 @@ def _np_shampoo(grad, stat_grads, block_size, eps, stat_decay=None):
   return out.reshape(grad.shape)
 
 
+def _shampoo_tol(grad, stat_grads, block_size, eps, stat_decay=None):
+  """The float32 error bound of :func:`_np_shampoo`'s result, from its conditioning.
+
+  Per block, ``P = L^{-1/4} G R^{-1/4}``. Each root is computed by a float32
+  eigh of a float32 statistic, exact for the statistic plus E with ``||E|| <=
+  ops eps32 lambda_max``: ops = n for eigh, plus (k + steps + n + 1) tr /
+  lambda_max for the statistic (its Gram sums of k products over the steps,
+  and its division by the trace; normwise, as tr >= ||M||_F). What E does to
+  the root applied to the rest of the product is
+  :func:`~oracles.inverse_root_apply_bound`: it grows with the eigenvalue
+  spread over the ridge where the product has weight on small eigenvalues (a
+  gradient the roots never saw). The two products add (n_L + n_R) eps32
+  |L^{-1/4}| |G| |R^{-1/4}|, the blocks' scale factors exp(-log tr / 4)
+  ``|log tr| / 4`` roundings each. Blocks are disjoint, so their bounds add in
+  squares; the graft only rescales the relative error.
+  """
+  g = np.asarray(grad, np.float64).reshape(-1, grad.shape[-1])
+  hist = [np.asarray(h, np.float64).reshape(g.shape) for h in stat_grads]
+  m, n = g.shape
+  total, norm = 0.0, 0.0
+  for r0 in range(0, m, block_size):
+    for c0 in range(0, n, block_size):
+      sl = (slice(r0, min(r0 + block_size, m)), slice(c0, min(c0 + block_size, n)))
+      left, right = _np_stats([h[sl] for h in hist], stat_decay)
+      left_root, right_root = _np_inverse_root(left, eps), _np_inverse_root(right, eps)
+      gb = g[sl]
+      p = left_root @ gb @ right_root
+      bound = float32_tol(1.0, len(left) + len(right)) * np.linalg.norm(
+          np.abs(left_root) @ np.abs(gb) @ np.abs(right_root))
+      for stat, other, y in ((left, right, gb @ right_root),
+                             (right, left, (left_root @ gb).T)):
+        size, lam_max = len(stat), max(np.linalg.eigvalsh(stat).max(), TINY32)
+        spread = np.trace(stat) / lam_max
+        ops = size + (len(other) + len(hist) + size + 1) * spread
+        bound += inverse_root_apply_bound(stat, 4, eps, y, ops)
+        bound += float32_tol(1.0, abs(np.log(np.trace(stat))) / 4) * np.linalg.norm(p)
+      total += bound ** 2
+      norm += np.linalg.norm(p) ** 2
+  return float(np.sqrt(total / norm))
+
+
 @pytest.mark.parametrize("shape", [(6, 4), (2, 2, 3, 4)], ids=["dense", "conv"])
 @pytest.mark.parametrize("stat_decay", [None, 0.9], ids=["sum", "ema"])
 def test_single_block_matches_reference(shape, stat_decay):
@@ -103,14 +164,14 @@ def test_single_block_matches_reference(shape, stat_decay):
   outs, states = _run(tx, [jnp.asarray(g) for g in grads])
   for steps in (1, 3):
     ref = _np_shampoo(grads[steps - 1], grads[:steps], 128, EPS, stat_decay)
-    assert _rel(outs[steps - 1], ref) < RTOL
+    assert _rel(outs[steps - 1], ref) < _shampoo_tol(
+        grads[steps - 1], grads[:steps], 128, EPS, stat_decay)
   # One block; the statistics are the plain sums / averages of the 2-D view.
-  left, right = _np_stats([g.reshape(-1, shape[-1]).astype(np.float64)
-                           for g in grads], stat_decay)
-  np.testing.assert_allclose(_true(states[-1].blocks, "L")[0], left, rtol=1e-5,
-                             atol=1e-5)
-  np.testing.assert_allclose(_true(states[-1].blocks, "R")[0], right, rtol=1e-5,
-                             atol=1e-5)
+  views = [g.reshape(-1, shape[-1]).astype(np.float64) for g in grads]
+  left, right = _np_stats(views, stat_decay)
+  left_bound, right_bound = _stat_bound(views, stat_decay)
+  assert np.all(np.abs(_true(states[-1].blocks, "L")[0] - left) <= left_bound)
+  assert np.all(np.abs(_true(states[-1].blocks, "R")[0] - right) <= right_bound)
 
 
 @pytest.mark.parametrize("shape", [(10, 6), (9, 4)])
@@ -121,7 +182,8 @@ def test_blocked_matches_per_block_reference(shape):
   outs, states = _run(tx, [jnp.asarray(g) for g in grads])
   for steps in (1, 3):
     ref = _np_shampoo(grads[steps - 1], grads[:steps], 4, EPS)
-    assert _rel(outs[steps - 1], ref) < RTOL
+    assert _rel(outs[steps - 1], ref) < _shampoo_tol(
+        grads[steps - 1], grads[:steps], 4, EPS)
   # Padding (10 -> 12 rows, 6 -> 8 columns) stays out of the statistics.
   lay = shampoo_lib.block_layout(shape, 4)
   left = np.asarray(states[-1].blocks["L"]).reshape(lay.nr, lay.nc, 4, 4)
@@ -142,16 +204,21 @@ def test_roots_refresh_every_k_steps():
   for step in (1, 2):
     np.testing.assert_array_equal(roots[step][0], roots[0][0])
     np.testing.assert_array_equal(roots[step][1], roots[0][1])
-  assert not np.allclose(roots[3][0], roots[0][0], rtol=1e-3)
-  assert not np.allclose(roots[3][1], roots[0][1], rtol=1e-3)
+  assert not np.array_equal(roots[3][0], roots[0][0])
+  assert not np.array_equal(roots[3][1], roots[0][1])
   np.testing.assert_array_equal(roots[4][0], roots[3][0])
   # Step 2 preconditions with the stale roots of the step-0 statistics (while
-  # the statistics themselves went on accumulating).
-  assert _rel(outs[2], _np_shampoo(grads[2], grads[:1], 128, EPS)) < RTOL
-  assert _rel(outs[3], _np_shampoo(grads[3], grads[:4], 128, EPS)) < RTOL
-  left, _ = _np_stats([g.astype(np.float64) for g in grads[:3]], None)
-  np.testing.assert_allclose(_true(states[2].blocks, "L")[0], left, rtol=1e-5,
-                             atol=1e-5)
+  # the statistics themselves went on accumulating), step 3 with fresh ones.
+  stale = _np_shampoo(grads[2], grads[:1], 128, EPS)
+  fresh = _np_shampoo(grads[2], grads[:3], 128, EPS)
+  tol = _shampoo_tol(grads[2], grads[:1], 128, EPS)
+  assert _rel(outs[2], stale) < tol
+  assert _rel(fresh, stale) > 10 * tol   # the check tells stale roots from fresh ones
+  assert _rel(outs[3], _np_shampoo(grads[3], grads[:4], 128, EPS)) < _shampoo_tol(
+      grads[3], grads[:4], 128, EPS)
+  views = [g.astype(np.float64) for g in grads[:3]]
+  left, _ = _np_stats(views, None)
+  assert np.all(np.abs(_true(states[2].blocks, "L")[0] - left) <= _stat_bound(views)[0])
 
 
 def test_start_preconditioning_and_stats_every():
@@ -162,7 +229,9 @@ def test_start_preconditioning_and_stats_every():
   np.testing.assert_array_equal(outs[0], grads[0])
   np.testing.assert_array_equal(outs[1], grads[1])
   # Statistics at steps 0 and 2; roots refreshed every step from them.
-  assert _rel(outs[2], _np_shampoo(grads[2], [grads[0], grads[2]], 128, EPS)) < RTOL
+  stat_grads = [grads[0], grads[2]]
+  assert _rel(outs[2], _np_shampoo(grads[2], stat_grads, 128, EPS)) < _shampoo_tol(
+      grads[2], stat_grads, 128, EPS)
   assert int(states[-1].stats_count) == 2
 
 
@@ -203,8 +272,9 @@ def test_nonfinite_gradient_keeps_state_finite():
   assert int(states[-1].skipped_count) == 1
   assert int(states[-1].nonfinite_count) == 1
   assert int(states[-1].stats_count) == 2
-  ref = _np_shampoo(np.asarray(grads[2]), [grads[0], grads[2]], 3, EPS)
-  assert _rel(outs[2], ref) < RTOL
+  stat_grads = [np.asarray(grads[0]), np.asarray(grads[2])]
+  ref = _np_shampoo(stat_grads[1], stat_grads, 3, EPS)
+  assert _rel(outs[2], ref) < _shampoo_tol(stat_grads[1], stat_grads, 3, EPS)
 
 
 def test_zero_gradient_block_stays_finite():
@@ -233,9 +303,15 @@ def test_alias_is_single_heavy_ball():
   grads = [{"w": jnp.asarray(g)} for g in _grads((6, 4), 2)]
   pre, _ = _run(shampoo_lib.scale_by_shampoo(), grads)
   full, _ = _run(shampoo_lib.shampoo(0.1, momentum=0.9), grads)
-  np.testing.assert_allclose(full[0]["w"], -0.1 * pre[0]["w"], rtol=1e-6)
-  np.testing.assert_allclose(
-      full[1]["w"], -0.1 * (0.9 * pre[0]["w"] + pre[1]["w"]), rtol=1e-5)
+  # The same preconditioner (the same eager operations), then the trace and
+  # the learning rate: one product in the alias and one in the test; then
+  # 0.9 m + u and the product (three roundings, plus the float32 constants 0.9
+  # and 0.1, half an eps32 each) against float64, relative to 0.9 |m| + |u|
+  # where the two cancel.
+  np.testing.assert_allclose(full[0]["w"], -0.1 * pre[0]["w"], rtol=float32_tol(1.0, 2))
+  p0, p1 = np.asarray(pre[0]["w"], np.float64), np.asarray(pre[1]["w"], np.float64)
+  assert np.all(np.abs(full[1]["w"] - (-0.1 * (0.9 * p0 + p1)))
+                <= float32_tol(1.0, 4) * 0.1 * (0.9 * np.abs(p0) + np.abs(p1)))
 
 
 def test_adagrad_graft_matches_reference():
@@ -252,10 +328,15 @@ def test_adagrad_graft_matches_reference():
       x = g[k].astype(np.float64)
       acc[k] = acc[k] + x * x
       size[k] = x / (np.sqrt(acc[k]) + eps)
-    np.testing.assert_allclose(outs[step]["b"], size["b"], rtol=1e-5)
-    ref = _np_shampoo(raw[step]["w"], [r["w"] for r in raw[:step + 1]], 128, EPS)
+    # x / (sqrt(sum of step + 1 squares) + eps): same-sign terms, cond 1.
+    np.testing.assert_allclose(outs[step]["b"], size["b"], rtol=float32_tol(1.0, step + 4))
+    stat_grads = [r["w"] for r in raw[:step + 1]]
+    ref = _np_shampoo(raw[step]["w"], stat_grads, 128, EPS)
     ref *= np.linalg.norm(size["w"]) / np.linalg.norm(ref)
-    assert _rel(outs[step]["w"], ref) < RTOL
+    # + the AdaGrad norm: a sum over the tensor and steps of squares.
+    tol = (_shampoo_tol(raw[step]["w"], stat_grads, 128, EPS)
+           + float32_tol(1.0, raw[step]["w"].size + step + 1))
+    assert _rel(outs[step]["w"], ref) < tol
 
 
 def test_positional_order():

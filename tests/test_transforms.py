@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 
 import eva_optax
+from conftest import assert_float32_twins
+from conftest import assert_propagated
 from conftest import im2col
 from conftest import numpy_init
 from conftest import to64
@@ -26,6 +28,12 @@ from conftest import with_one
 
 B = 6
 KEYS = ("a", "g", "A", "G")
+# Float32 roundings on the longest paths (the transforms re-associate): the
+# conv's fan-in 2 x 2 x 2 + 1, tanh (2), the Dense's 4 x 4 x 3 + 1, the loss
+# over 2 outputs and B examples (+ 1); the backward as long again, the sums
+# over the B x 16 conv rows (A and G: + 16 positions, B examples, 3).
+FORWARD_OPS = 9 + 2 + 49 + 2 + B + 1
+TWIN_OPS = 2 * FORWARD_OPS + B * 16 + 16 + B + 3
 
 
 class Net(nn.Module):
@@ -122,19 +130,22 @@ def test_plain_a_matches_numpy_forward():
   params, _, _, stats = _captured("batched")
   net = params["net"]
   rows = im2col(x, (2, 2), padding="SAME")        # (B, 16, 8): Flax pads SAME
-  np.testing.assert_allclose(stats["net"]["conv"].a, with_one(rows).mean(axis=(0, 1)),
-                             rtol=1e-5)
-  h = np.tanh(with_one(rows) @ np.concatenate(
-      [to64(net["conv"]["kernel"]).reshape(-1, 3), to64(net["conv"]["bias"])[None]]))
-  np.testing.assert_allclose(stats["net"]["dense"].a,
-                             with_one(h.reshape(B, -1)).mean(axis=0), rtol=1e-5)
+  # A mean of the B x 16 rows.
+  assert_propagated(stats["net"]["conv"].a, lambda r: with_one(r).mean(axis=(0, 1)),
+                    (rows, B * 16 + 1))
+  w = np.concatenate([to64(net["conv"]["kernel"]).reshape(-1, 3),
+                      to64(net["conv"]["bias"])[None]])
+  # The conv's fan-in (9) and tanh (2) on the weights, then the mean of B rows.
+  assert_propagated(stats["net"]["dense"].a,
+                    lambda w: with_one(np.tanh(with_one(rows) @ w).reshape(B, -1)).mean(axis=0),
+                    (w, 9 + 2 + B + 1))
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
 def test_statistics_equal_the_plain_computation(transform):
   _, ref_loss, ref_grads, ref = _captured("batched")
   _, loss, grads, stats = _captured(transform)
-  np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+  assert_float32_twins(loss, ref_loss, FORWARD_OPS)
   for layer in ("conv", "dense"):
     st, want = stats["net"][layer], ref["net"][layer]
     assert st.captured, (transform, layer, st.note)
@@ -143,12 +154,9 @@ def test_statistics_equal_the_plain_computation(transform):
     for key in KEYS:
       value, expected = np.asarray(getattr(st, key)), np.asarray(getattr(want, key))
       assert value.shape == expected.shape, (transform, layer, key, value.shape)
-      np.testing.assert_allclose(value, expected, rtol=2e-5,
-                                 atol=1e-6 * np.abs(expected).max(),
-                                 err_msg=f"{transform}: {layer}.{key}")
+      assert_float32_twins(value, expected, TWIN_OPS, err_msg=f"{transform}: {layer}.{key}")
     for leaf in ("kernel", "bias"):
-      np.testing.assert_allclose(grads["net"][layer][leaf], ref_grads["net"][layer][leaf],
-                                 rtol=2e-5, atol=1e-7)
+      assert_float32_twins(grads["net"][layer][leaf], ref_grads["net"][layer][leaf], TWIN_OPS)
 
 
 def test_vmap_of_a_vmap_with_an_inner_batch():
@@ -167,6 +175,5 @@ def test_vmap_of_a_vmap_with_an_inner_batch():
     np.testing.assert_array_equal(np.asarray(stats["net"][layer].a)[-1], 1.0)
     for key in KEYS:
       expected = np.asarray(getattr(ref["net"][layer], key))
-      np.testing.assert_allclose(getattr(stats["net"][layer], key), expected, rtol=2e-5,
-                                 atol=1e-6 * np.abs(expected).max(),
-                                 err_msg=f"{layer}.{key}")
+      assert_float32_twins(getattr(stats["net"][layer], key), expected, TWIN_OPS,
+                           err_msg=f"{layer}.{key}")

@@ -15,7 +15,9 @@ One concept per module:
   versions, device and date of a run, and its JSON;
 * :mod:`harness.memory`: the compiled step's memory as XLA accounts it;
 * :mod:`harness.cli`: the shared flags;
-* :mod:`harness.comparison`: :func:`run_comparison`, all of the above in order.
+* :mod:`harness.comparison`: :func:`run_comparison`, all of the above in order;
+* :mod:`harness.xla_flags`: the compile-time XLA flags the installed jaxlib
+  accepts (standard library only: the tests load it from its file).
 
 Scripts in ``examples/`` run with their directory on ``sys.path``, so
 ``import harness`` works there; elsewhere (``benchmarks/``, tests) put
@@ -34,6 +36,7 @@ from . import style
 from . import sweep
 from . import tables
 from . import training
+from . import xla_flags
 from .cli import add_common_args
 from .cli import add_data_args
 from .cli import parse_optimizers

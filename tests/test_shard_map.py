@@ -35,6 +35,13 @@ def test_shard_map_gives_the_global_loss_grads_and_statistics(case):
   assert not bad, bad
 
 
+def test_stats_batch_inside_shard_map_takes_each_shards_first_examples():
+  errors = _result()["stats_batch"]
+  assert {"Conv_0.a", "Conv_0.G", "Dense_0.a", "Dense_0.G", "grads"} <= set(errors)
+  bad = {k: v for k, v in errors.items() if not v < STATS_TOL}
+  assert not bad, bad
+
+
 def test_naive_average_of_shard_statistics_is_the_bug_the_test_can_see():
   # Averaging each shard's statistics (each under its own mean loss) leaves g
   # 8x and G 64x off on 8 shards: far outside the tolerance above.

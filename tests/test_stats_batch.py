@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -109,3 +110,56 @@ def test_errors():
   fn = eva_optax.value_and_grad(per_example, stats_batch=2)
   _, _, st = jax.vmap(fn, in_axes=(None, 0))(params, jnp.ones((6, 4)))
   assert not st.captured and "example axis" in st.note, st.note
+
+
+def _layer_averages(state):
+  """The running averages ``a, g`` per layer of the LayerwiseState inside ``state``."""
+  found = [s for s in jax.tree.leaves(state, is_leaf=lambda s: hasattr(s, "layers"))
+           if hasattr(s, "layers")]
+  return {layer: {k: np.asarray(v[k]) for k in ("a", "g")}
+          for layer, v in found[0].layers.items()}
+
+
+def test_composes_with_stats_every_and_multisteps():
+  """``stats_batch`` statistics go through ``MultiSteps`` and ``stats_every`` as any do.
+
+  Four micro-batches, two emitted updates of ``MultiSteps(eva(stats_every=2),
+  2)``: fed the ``stats_batch=M`` statistics, the optimizer's running averages
+  equal those of the run fed the reference statistics of each micro-batch's
+  first M examples (the scaled sub-batch loss), with the whole batches'
+  gradients in both.
+  """
+  img, ids = _data()
+  params0 = numpy_init(Net(), img, ids)
+  micro = [_data(seed) for seed in range(4)]
+  sub_loss = lambda p, img, ids: (M / B) * _loss(p, img, ids)
+  with_m = jax.jit(eva_optax.value_and_grad(_loss, stats_batch=M))
+  whole, sub = (jax.jit(eva_optax.value_and_grad(f)) for f in (_loss, sub_loss))
+
+  def reference(p, img, ids):
+    loss, grads, _ = whole(p, img, ids)
+    return loss, grads, sub(p, img[:M], ids[:M])[2]
+
+  def run(grad_fn):
+    tx = eva_optax.MultiSteps(eva_optax.eva(0.1, stats_every=2), every_k_schedule=2)
+    params, state = params0, tx.init(params0)
+    for batch in micro:
+      _, grads, stats = grad_fn(params, *batch)
+      updates, state = jax.jit(tx.update)(grads, state, params, stats=stats)
+      params = optax.apply_updates(params, updates)
+    return params, _layer_averages(state)
+
+  got_params, got = run(with_m)
+  ref_params, want = run(reference)
+  assert jax.tree.all(jax.tree.map(lambda x: bool(np.isfinite(x).all()), got_params))
+  assert set(got) == {"embed", "conv", "dense"}
+  for layer, avg in want.items():
+    for key, w in avg.items():
+      # The statistics: as in the first test (2 B 3 roundings), averaged over
+      # the 2 micro-steps and folded once into the decayed average (3 more).
+      np.testing.assert_allclose(got[layer][key], w, rtol=0,
+                                 atol=(2 * B * 3 + 6) * 1.2e-7 * np.abs(w).max(),
+                                 err_msg=f"{layer}.{key}")
+  # Not trivially equal: a run fed the whole batch's statistics differs.
+  _, full = run(whole)
+  assert not np.allclose(full["dense"]["a"], want["dense"]["a"], rtol=1e-3)

@@ -12,6 +12,10 @@ prints one JSON line with the measured errors.
 * ``naive``: the per-shard statistics without ``axis_name`` and ``check_vma=False``,
   averaged over the shards by hand: ``g`` 8x and ``G`` 64x off (the issue's bug),
   which the test requires to be far outside the tolerance.
+* ``stats_batch``: the same with ``stats_batch=2``: each shard's statistics
+  come from its own first 2 examples, so the result equals one device's
+  statistics of those 16 examples under the loss ``(16 / 64) * mean`` (each row
+  keeps the whole batch's ``1/64``), while the gradient stays the whole batch's.
 * ``train``: 5 steps of every optimizer with the whole training step inside
   ``shard_map`` (gradients, statistics and the update; the parameters and the
   optimizer state replicated) against 5 steps on one device.
@@ -57,6 +61,31 @@ def stats_errors(statistics, check_vma):
       if getattr(ref[2][layer], k) is not None:
         out[f"{layer}.{k}"] = _common.rel_error(getattr(got[2][layer], k),
                                                 getattr(ref[2][layer], k))
+  return out
+
+
+def stats_batch_errors(m=2, shards=8):
+  grad_fn = eva_optax.value_and_grad(loss_fn, statistics="factors",
+                                     axis_name="data", stats_batch=m)
+  sharded = jax.jit(jax.shard_map(
+      grad_fn, mesh=mesh, in_specs=(P(), P("data"), P("data")), out_specs=P()))
+  x, y = xs[0], ys[0]
+  got = sharded(jax.device_put(params0, rep), jax.device_put(x, data),
+                jax.device_put(y, data))
+  per = len(x) // shards
+  first = np.concatenate([np.arange(s * per, s * per + m) for s in range(shards)])
+  scale = len(first) / len(x)
+  sub = lambda p, xb, yb: scale * loss_fn(p, xb, yb)
+  _, grads, _ = jax.jit(eva_optax.value_and_grad(loss_fn, statistics="factors"))(
+      params0, x, y)
+  _, _, ref = jax.jit(eva_optax.value_and_grad(sub, statistics="factors"))(
+      params0, x[first], y[first])
+  out = {"grads": _common.rel_error(got[1], grads)}
+  for layer in ref:
+    for k in ("a", "g", "A", "G"):
+      if getattr(ref[layer], k) is not None:
+        out[f"{layer}.{k}"] = _common.rel_error(getattr(got[2][layer], k),
+                                                getattr(ref[layer], k))
   return out
 
 
@@ -138,6 +167,7 @@ _common.emit({
     "stats_factors_vma": stats_errors("factors", True),
     "stats_vectors_vma": stats_errors("vectors", True),
     "stats_factors_novma": stats_errors("factors", False),
+    "stats_batch": stats_batch_errors(),
     "naive": naive_errors(),
     "train": train_errors(),
     "pmap": pmap_errors(),

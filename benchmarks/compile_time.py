@@ -208,10 +208,11 @@ def _env(args) -> dict[str, str]:
   env["JAX_PLATFORMS"] = env.get("JAX_PLATFORMS") or "cpu"
   env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get(
       "PYTHONPATH", "").split(os.pathsep) if p])
-  if args.quick:   # a smoke test: fast-compile flags (see tests/multidevice_util.py)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-                        " --xla_cpu_use_fusion_emitters=false"
-                        " --xla_cpu_parallel_codegen_split_count=1").strip()
+  if args.quick:   # a smoke test: the fast-compile flags this jaxlib accepts
+    import benchlib  # pylint: disable=g-import-not-at-top
+    benchlib.add_examples_to_path()
+    from harness import xla_flags  # pylint: disable=g-import-not-at-top
+    env["XLA_FLAGS"] = xla_flags.with_fast_compile(env.get("XLA_FLAGS", ""))
   return env
 
 

@@ -24,10 +24,6 @@ from benchlib import ttq_rows
 from harness import records
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-# XLA flags that cut compile times of the smoke runs (plumbing, not speed).
-FAST_COMPILE = ("--xla_backend_optimization_level=0 "
-                "--xla_cpu_use_fusion_emitters=false "
-                "--xla_cpu_parallel_codegen_split_count=1")
 
 
 def _run(row, losses, ratio, initial=None, key="val_loss"):
@@ -146,9 +142,8 @@ def test_per_row_settings():
 
 
 def _smoke(tmp_path, *flags):
-  env = dict(os.environ, PYTHONPATH=ROOT,
-             XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " "
-                        + FAST_COMPILE).strip())
+  # XLA_FLAGS: conftest put the fast-compile flags this jaxlib accepts there.
+  env = dict(os.environ, PYTHONPATH=ROOT)
   out = subprocess.run([sys.executable, os.path.join(
       ROOT, "benchmarks", "time_to_quality.py"), "--quick", "--no-progress",
                         "--out", str(tmp_path), *flags],

@@ -104,11 +104,23 @@ def _fixed_point(step, carry: list[int]) -> tuple[list[int], list[int]]:
     carry = new
 
 
+def _scan_counts(params: dict) -> tuple[int, int]:
+  """A scan's numbers of constants and carries: ``num_consts``/``num_carry``
+  (jax <= 0.11), or the lengths of the first two groups of ``ft_in`` (jax 0.12:
+  the flat inputs grouped as constants, carries and scanned inputs)."""
+  if "num_consts" in params:
+    return params["num_consts"], params["num_carry"]
+  groups = params["ft_in"].unpack()     # a FlatTree: len() counts its leaves
+  return len(groups[0]), len(groups[1])
+
+
 def _equation(eqn: Any, ins: list[int]) -> list[int]:
   """The output masks of one equation, recursing into its sub-programs."""
   name, params, n_out = eqn.primitive.name, eqn.params, len(eqn.outvars)
   if name == "scan":
-    nc, nk = params["num_consts"], params["num_carry"]
+    nc, nk = _scan_counts(params)
+    if nc + nk > len(ins):              # a layout this code does not know: every
+      return [_union(ins)] * n_out      # output may depend on every input
     body = params["jaxpr"]
     consts, xs = ins[:nc], ins[nc + nk:]
     carry, outs = _fixed_point(

@@ -24,6 +24,7 @@ from multidevice_util import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from benchlib import hlo_text  # pylint: disable=g-import-not-at-top,wrong-import-position
 from benchlib import hlo_work  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SIZES = (8, 16, 24)          # three Cholesky calls per loop trip
@@ -95,11 +96,11 @@ def test_batched_and_triangular_solves():
 
 
 def test_hlo_instructions_and_shapes():
-  assert hlo_work.shapes("(f32[2,3]{1,0}, s32[])") == [("f32", (2, 3)), ("s32", ())]
-  assert hlo_work.nbytes("(f32[2,3]{1,0}, bf16[4])") == 24 + 8
+  assert hlo_text.shapes("(f32[2,3]{1,0}, s32[])") == [("f32", (2, 3)), ("s32", ())]
+  assert hlo_text.nbytes("(f32[2,3]{1,0}, bf16[4])") == 24 + 8
   text = "HloModule m\n\nFileNames\n1 \"f.py\"\n\nENTRY %main (x: f32[]) -> f32[] {\n" \
          "  %x = f32[] parameter(0)\n  ROOT %y = f32[] add(%x, %x)\n}\n"
-  assert hlo_work.instructions(text) == 2
+  assert hlo_text.instructions(text) == 2
 
 
 # The split refresh's shape: a lax.cond on the step count around a lax.switch

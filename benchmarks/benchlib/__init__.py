@@ -6,7 +6,9 @@
 * :mod:`benchlib.diagnostics`: direction cosine, Eva's state size, breakdown;
 * :mod:`benchlib.report`: the markdown tables;
 * :mod:`benchlib.hlo_work`: work (LAPACK flops, loop trips, each device's
-  branch) and collective bytes per device, counted from compiled HLO text;
+  branch) and collective bytes per device, counted from compiled HLO text,
+  which :mod:`benchlib.hlo_text` parses and :mod:`benchlib.hlo_eval` evaluates
+  (branch indices, loop bounds);
 * :mod:`benchlib.collectives`: collective bytes of the entry computation and
   the analytic per-step floats;
 * :mod:`benchlib.compile_stats`: lower and compile times, program sizes,

@@ -22,7 +22,7 @@ import re
 import time
 from typing import Any
 
-from . import hlo_work
+from . import hlo_text
 
 
 def measure(jitted, *args, keep: bool = True, **kwargs) -> dict[str, Any]:
@@ -42,8 +42,8 @@ def measure(jitted, *args, keep: bool = True, **kwargs) -> dict[str, Any]:
   out = {"lower_s": t1 - t0, "lower_cpu_s": c1 - c0,
          "compile_s": t2 - t1, "compile_cpu_s": c2 - c1,
          "total_s": t2 - t0, "total_cpu_s": c2 - c0,
-         "stablehlo_ops": hlo_work.instructions(lowered.as_text()),
-         "hlo_instructions": hlo_work.instructions(hlo)}
+         "stablehlo_ops": hlo_text.instructions(lowered.as_text()),
+         "hlo_instructions": hlo_text.instructions(hlo)}
   if keep:
     out["compiled"] = compiled
     out["hlo"] = hlo

@@ -41,7 +41,9 @@ Typical use::
     work["lapack_flops_per_device"]      # [flops of device 0, 1, ...]
     work["lapack_flops_max"], work["lapack_flops_mean"]
 
-The flop models are stated, not measured: LAPACK's operation counts for the
+The HLO text is parsed by :mod:`benchlib.hlo_text`, and branch indices and loop
+bounds are evaluated by :mod:`benchlib.hlo_eval`; this module is the walk and the
+flop models. The flop models are stated, not measured: LAPACK's operation counts for the
 usual algorithms (Golub and Van Loan), ``n`` the matrix order, per matrix of a
 batch.
 """
@@ -49,18 +51,14 @@ batch.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from typing import Any, Callable
 
 import numpy as np
 
-_DTYPE_BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "s16": 2,
-                "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
-                "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
-                "f8e4m3fn": 1, "f8e5m2": 1}
-_SHAPE = re.compile(r"\b(" + "|".join(sorted(_DTYPE_BYTES, key=len, reverse=True))
-                    + r")\[([0-9,]*)\]")
+from .hlo_eval import Frame, Unknown, depends_on_device, is_known
+from .hlo_text import Computation, Instr, nbytes, num_devices, parse_module, shapes
+
 COLLECTIVES = ("all-reduce", "reduce-scatter", "all-gather", "collective-permute",
                "all-to-all")
 
@@ -97,368 +95,6 @@ _FAMILIES = (("potrf", "potrf"), ("cholesky", "potrf"), ("syevd", "syevd"),
 _SOLVER_TARGET = re.compile(r"lapack|solver|cusolver|hipsolver|eigh|potrf|"
                             r"getrf|geqrf|syev|trsm|gesvd|gesdd")
 
-
-# ----------------------------------------------------------------------------
-# Parsing.
-
-
-@dataclasses.dataclass
-class Instr:
-  name: str
-  type_text: str           # the result type: "f32[2,3]{1,0}" or a tuple "(...)"
-  opcode: str
-  operands: list[str]      # operand instruction names
-  operand_text: str        # the text between the opcode's parentheses
-  attrs: str               # everything after the operand list
-  line: str
-
-  def attr(self, key: str) -> str | None:
-    m = re.search(r"(?:^|[\s,])" + re.escape(key) + r"=(%?[\w.\-]+)", self.attrs)
-    return m.group(1).lstrip("%") if m else None
-
-  def called(self, key: str) -> list[str]:
-    """Computation names of ``key={%a, %b}`` or ``key=%a``."""
-    m = re.search(r"(?:^|[\s,])" + re.escape(key) + r"=\{([^}]*)\}", self.attrs)
-    if m:
-      return [s.strip().lstrip("%") for s in m.group(1).split(",") if s.strip()]
-    one = self.attr(key)
-    return [one] if one else []
-
-  def backend_config(self) -> dict[str, Any]:
-    m = re.search(r"backend_config=(\{.*\})(?:,\s*\w+=|$)", self.attrs)
-    if not m:
-      return {}
-    try:
-      return json.loads(m.group(1))
-    except ValueError:
-      return {}
-
-
-@dataclasses.dataclass
-class Computation:
-  name: str
-  instrs: list[Instr]
-  by_name: dict[str, Instr]
-  params: dict[int, Instr]
-  root: Instr | None
-
-
-def _balanced(text: str, start: int, open_c: str = "(", close_c: str = ")") -> int:
-  """Index just past the bracket matching ``text[start]``."""
-  depth = 0
-  quote = False
-  for i in range(start, len(text)):
-    c = text[i]
-    if c == '"' and (i == 0 or text[i - 1] != "\\"):
-      quote = not quote
-    if quote:
-      continue
-    if c in "({[":
-      depth += 1
-    elif c in ")}]":
-      depth -= 1
-      if depth == 0:
-        return i + 1
-  return len(text)
-
-
-_INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*")
-_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*(\(.*)?\{\s*$")
-_NAME = re.compile(r"%([\w.\-]+)")
-
-
-def _parse_instr(line: str) -> tuple[Instr, bool] | None:
-  m = _INSTR.match(line)
-  if not m:
-    return None
-  rest = line[m.end():]
-  if rest.startswith("("):
-    end = _balanced(rest, 0)
-    type_text, rest = rest[:end], rest[end:].lstrip()
-  else:
-    sp = rest.find(" ")
-    type_text, rest = rest[:sp], rest[sp + 1:].lstrip()
-  p = rest.find("(")
-  if p < 0:
-    return None
-  opcode = rest[:p].strip()
-  end = _balanced(rest, p)
-  operand_text = rest[p + 1:end - 1]
-  attrs = rest[end:].lstrip(", ")
-  operands = _NAME.findall(operand_text)
-  return Instr(m.group(2), type_text, opcode, operands, operand_text, attrs,
-               line), bool(m.group(1))
-
-
-def parse_module(hlo: str) -> tuple[dict[str, Computation], str]:
-  """``({name: Computation}, entry name)`` of an HLO module's text."""
-  comps: dict[str, Computation] = {}
-  entry = ""
-  cur: Computation | None = None
-  for line in hlo.splitlines():
-    if not line.strip():
-      continue
-    if cur is None:
-      if line.startswith("HloModule"):
-        continue
-      h = _HEADER.match(line)
-      if h and not line[0].isspace():
-        cur = Computation(h.group(2), [], {}, {}, None)
-        if h.group(1):
-          entry = cur.name
-      continue
-    if line.strip() == "}":
-      if cur.root is None and cur.instrs:
-        cur.root = cur.instrs[-1]
-      comps[cur.name] = cur
-      cur = None
-      continue
-    parsed = _parse_instr(line)
-    if parsed is None:
-      continue
-    ins, is_root = parsed
-    cur.instrs.append(ins)
-    cur.by_name[ins.name] = ins
-    if ins.opcode == "parameter":
-      cur.params[int(ins.operand_text.strip() or 0)] = ins
-    if is_root:
-      cur.root = ins
-  if not entry and comps:
-    entry = list(comps)[-1]
-  return comps, entry
-
-
-def shapes(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
-  """``[(dtype, dims), ...]`` of every array type in ``type_text``."""
-  return [(dt, tuple(int(d) for d in dims.split(",") if d))
-          for dt, dims in _SHAPE.findall(type_text)]
-
-
-def nbytes(type_text: str) -> int:
-  return sum(_DTYPE_BYTES[dt] * int(np.prod(dims, dtype=np.int64))
-             for dt, dims in shapes(type_text))
-
-
-def num_devices(hlo: str) -> int:
-  """``num_partitions`` x ``replica_count`` from the module header (1 if absent)."""
-  head = hlo.split("\n", 1)[0]
-  n = 1
-  for key in ("num_partitions", "replica_count"):
-    m = re.search(key + r"=(\d+)", head)
-    if m:
-      n *= int(m.group(1))
-  return n
-
-
-# ----------------------------------------------------------------------------
-# Scalar evaluation of branch indices and loop bounds.
-
-
-@dataclasses.dataclass(frozen=True)
-class Unknown:
-  """A value the program text does not fix; ``device``: it depends on the device."""
-  device: bool = False
-
-
-@dataclasses.dataclass(frozen=True)
-class Val:
-  """A value the program text fixes; ``device``: it depends on the device."""
-  a: Any                   # a numpy array
-  device: bool = False
-
-
-def _dev(v: Any) -> bool:
-  return isinstance(v, (Unknown, Val)) and v.device
-
-
-def _u(*vals) -> Unknown:
-  return Unknown(any(_dev(v) for v in vals))
-
-
-_CMP = {"EQ": np.equal, "NE": np.not_equal, "LT": np.less, "LE": np.less_equal,
-        "GT": np.greater, "GE": np.greater_equal}
-
-
-def _const(ins: Instr) -> Any:
-  text = ins.operand_text.strip()
-  dt_dims = shapes(ins.type_text)
-  if not dt_dims:
-    return Unknown()
-  dt, dims = dt_dims[0]
-  toks = re.findall(r"true|false|-?inf|nan|-?[0-9.]+(?:e[+-]?\d+)?", text)
-  if not toks:
-    return Unknown()
-  vals = [1 if t == "true" else 0 if t == "false" else float(t) for t in toks]
-  size = int(np.prod(dims, dtype=np.int64))
-  if len(vals) != size:
-    if len(vals) == 1:
-      vals = vals * size
-    else:
-      return Unknown()
-  arr = np.array(vals, dtype=np.float64 if dt.startswith(("f", "bf", "c")) else np.int64)
-  return arr.reshape(dims)
-
-
-class LazyTuple:
-  """A tuple value whose elements are computed when read."""
-
-  def __init__(self, thunks: list[Callable[[], Any]]):
-    self.thunks = thunks
-    self.cache: dict[int, Any] = {}
-
-  def __len__(self) -> int:
-    return len(self.thunks)
-
-  def __getitem__(self, i: int) -> Any:
-    if i not in self.cache:
-      self.cache[i] = self.thunks[i]()
-    return self.cache[i]
-
-
-def _known(v: Any) -> bool:
-  return isinstance(v, Val)
-
-
-_DEPTH = 0
-MAX_DEPTH = 300
-
-
-class Frame:
-  """One activation of a computation, its parameters' values given lazily."""
-
-  def __init__(self, comps: dict[str, Computation], comp: Computation,
-               args: list[Callable[[], Any]], device: int):
-    self.comps = comps
-    self.comp = comp
-    self.args = args
-    self.device = device
-    self.cache: dict[str, Any] = {}
-
-  def value(self, name: str) -> Any:
-    """The value of instruction ``name``: a numpy array, a LazyTuple or Unknown."""
-    if name not in self.cache:
-      global _DEPTH
-      if _DEPTH > MAX_DEPTH:           # a long data chain: not an index computation
-        return Unknown()
-      self.cache[name] = Unknown()       # a cycle (never in HLO) stays unknown
-      ins = self.comp.by_name.get(name)
-      _DEPTH += 1
-      try:
-        self.cache[name] = Unknown() if ins is None else self._eval(ins)
-      finally:
-        _DEPTH -= 1
-    return self.cache[name]
-
-  def root_value(self) -> Any:
-    return self.value(self.comp.root.name) if self.comp.root is not None else Unknown()
-
-  def _eval(self, ins: Instr) -> Any:   # pylint: disable=too-many-return-statements
-    op = ins.opcode
-    if op == "parameter":
-      i = int(ins.operand_text.strip() or 0)
-      return self.args[i]() if i < len(self.args) else Unknown()
-    if op == "constant":
-      c = _const(ins)
-      return c if isinstance(c, Unknown) else Val(c)
-    if op in ("partition-id", "replica-id"):
-      return Val(np.array(self.device, dtype=np.int64), True)
-    if op == "tuple":
-      return LazyTuple([(lambda o=o: self.value(o)) for o in ins.operands])
-    if op == "get-tuple-element":
-      v = self.value(ins.operands[0])
-      idx = int(ins.attr("index") or 0)
-      if isinstance(v, LazyTuple) and idx < len(v):
-        return v[idx]
-      return _u(v)
-    if op in ("fusion", "call"):
-      called = ins.called("calls") or ins.called("to_apply")
-      if not called or called[0] not in self.comps:
-        return _u(*[self.value(o) for o in ins.operands])
-      return Frame(self.comps, self.comps[called[0]],
-                   [(lambda o=o: self.value(o)) for o in ins.operands],
-                   self.device).root_value()
-    if op not in _ARITH:
-      # Anything else (a dot, a reduce, a gather, ...) is data: unknown, and
-      # device-dependent if an operand is.
-      return _u(*[self.value(o) for o in ins.operands])
-    v = [self.value(o) for o in ins.operands]
-    if not all(_known(x) for x in v):
-      return _u(*v)
-    if sum(int(np.size(x.a)) for x in v) > 1 << 16:
-      return _u(*v)                     # not a scalar index computation
-    dev = any(x.device for x in v)
-    try:
-      out = _arith(ins, [x.a for x in v])
-    except Exception:  # pylint: disable=broad-except
-      return Unknown(dev)
-    return Unknown(dev) if isinstance(out, Unknown) else Val(np.asarray(out), dev)
-
-
-_BINARY = {"add": np.add, "subtract": np.subtract, "multiply": np.multiply,
-           "maximum": np.maximum, "minimum": np.minimum, "and": np.logical_and,
-           "or": np.logical_or, "xor": np.logical_xor}
-_BITWISE = {"and": np.bitwise_and, "or": np.bitwise_or, "xor": np.bitwise_xor,
-            "shift-left": np.left_shift, "shift-right-logical": np.right_shift,
-            "shift-right-arithmetic": np.right_shift}
-_ARITH = set(_BINARY) | set(_BITWISE) | {
-    "convert", "copy", "bitcast", "reshape", "broadcast", "divide", "remainder",
-    "negate", "not", "abs", "clamp", "select", "compare", "dynamic-slice", "slice"}
-
-
-def _arith(ins: Instr, v: list[Any]) -> Any:  # pylint: disable=too-many-return-statements
-  op = ins.opcode
-  sh = shapes(ins.type_text)
-  dims = sh[0][1] if sh else ()
-  integer = not re.match(r"^(f|bf|c)", ins.type_text)
-  if op in ("convert", "copy", "bitcast", "reshape"):
-    out = np.asarray(v[0])
-    if op in ("bitcast", "reshape"):
-      out = out.reshape(dims)
-    if ins.type_text.startswith("pred"):
-      return (out != 0).astype(np.int64)
-    if op == "convert" and integer:
-      return np.trunc(out.astype(np.float64)).astype(np.int64)
-    return out
-  if op == "broadcast":
-    return np.broadcast_to(np.asarray(v[0]), dims).copy() if np.ndim(v[0]) == 0 else Unknown()
-  if op in _BITWISE and not ins.type_text.startswith("pred"):
-    return np.asarray(_BITWISE[op](np.asarray(v[0], np.int64), np.asarray(v[1], np.int64)))
-  if op in _BINARY:
-    out = np.asarray(_BINARY[op](v[0], v[1]))
-    return out.astype(np.int64) if out.dtype == bool else out
-  if op == "divide":
-    if integer:
-      return np.trunc(np.asarray(v[0], np.float64) / v[1]).astype(np.int64)
-    return np.divide(v[0], v[1])
-  if op == "remainder":
-    return np.fmod(v[0], v[1])
-  if op == "negate":
-    return -np.asarray(v[0])
-  if op == "not":
-    return np.logical_not(v[0]).astype(np.int64)
-  if op == "abs":
-    return np.abs(v[0])
-  if op == "clamp":
-    return np.clip(v[1], v[0], v[2])
-  if op == "select":
-    return np.where(np.asarray(v[0]) != 0, v[1], v[2])
-  if op == "compare":
-    m = re.search(r"direction=(\w+)", ins.attrs)
-    return _CMP[m.group(1)](v[0], v[1]).astype(np.int64)
-  if op == "dynamic-slice":
-    sizes = [int(s) for s in re.search(r"dynamic_slice_sizes=\{([\d,]*)\}",
-                                       ins.attrs).group(1).split(",") if s]
-    arr = np.asarray(v[0])
-    starts = [int(np.clip(int(np.asarray(s).reshape(-1)[0]), 0, arr.shape[k] - sizes[k]))
-              for k, s in enumerate(v[1:])]
-    sl = tuple(slice(s, s + n) for s, n in zip(starts, sizes))
-    return arr[sl].reshape(dims)
-  if op == "slice":
-    spec = re.search(r"slice=\{(.*?)\}", ins.attrs).group(1)
-    parts = re.findall(r"\[(\d+):(\d+)(?::(\d+))?\]", spec)
-    sl = tuple(slice(int(a), int(b), int(c or 1)) for a, b, c in parts)
-    return np.asarray(v[0])[sl]
-  return Unknown()
 
 
 # ----------------------------------------------------------------------------
@@ -600,7 +236,7 @@ def _trip_count(frame: Frame, ins: Instr) -> tuple[float | None, str]:
   state = frame.value(ins.operands[0])
   for trips in range(MAX_SIMULATED_TRIPS + 1):
     go = Frame(frame.comps, cond, [lambda s=state: s], frame.device).root_value()
-    if not _known(go):
+    if not is_known(go):
       return None, "condition not computable from the program text"
     if not int(np.asarray(go.a).reshape(-1)[0]):
       return float(trips), "simulated"
@@ -692,12 +328,12 @@ class Walker:
       args = [(lambda: frame.value(operand))] if operand else []
       return Frame(self.comps, self.comps[branches[b]], args, self.device)
 
-    if _known(idx):
+    if is_known(idx):
       k = int(np.asarray(idx.a).reshape(-1)[0])
       b = (0 if k else 1) if pred else (k if 0 <= k < n else n - 1)
       how = "device branch" if idx.device else "fixed branch"
       return self.walk(branch_frame(b), mult, in_cond, f"{path}/{ins.name}[{how} {b}]")
-    if _dev(idx):
+    if depends_on_device(idx):
       b = self.device % n
       t = self.walk(branch_frame(b), mult, in_cond,
                     f"{path}/{ins.name}[assumed branch {b}]")
@@ -771,16 +407,4 @@ def count(hlo: str, devices: int | None = None, keep_ops: bool = False) -> dict[
   return out
 
 
-_DEFINES = re.compile(r"^\s*(ROOT\s+)?%?[\w.\-#:]+\s*=\s*\S")
-
-
-def instructions(text: str) -> int:
-  """Lines of an HLO (or StableHLO) module that define a value: its instructions
-  (operations), not the metadata tables (``FileNames``, ``StackFrames``) or
-  the location aliases (``#loc12 = ...``) that the text also holds."""
-  return sum(1 for line in text.splitlines()
-             if not line.startswith("#") and _DEFINES.match(line))
-
-
-__all__ = ["count", "parse_module", "shapes", "nbytes", "num_devices", "instructions",
-           "FLOP_MODELS", "Unknown"]
+__all__ = ["count", "FLOP_MODELS"]

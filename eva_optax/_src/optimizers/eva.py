@@ -30,6 +30,7 @@ EVA = layerwise.Method(
         k, b, s["a"], s["g"], gamma, scale),
     damping_fix="Eva inverts v v^T + damping * I; the paper uses 0.03.")
 
+
 def scale_by_eva(
     damping: optax.ScalarOrSchedule = 0.03,
     stat_decay: optax.ScalarOrSchedule = 0.95,
